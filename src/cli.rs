@@ -1,0 +1,165 @@
+//! Command-line grammar: the original flexnbd manual's commands and options (long and short),
+//! plus our additions (`--oldstyle`, `--read-only`, `mirror --wait/--max-bps`, `mirror-speed`).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flexnbd",
+    version,
+    about = "A fast NBD server that can live-migrate the file it serves",
+    propagate_version = true,
+    disable_help_subcommand = false
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Logging options every command accepts; the last of -v/-q on the line wins.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct LogOpts {
+    /// Log everything from I upwards (D too in debug builds) to stderr
+    #[arg(short, long, global = true, overrides_with = "quiet")]
+    pub verbose: bool,
+    /// Log only fatal (F) lines to stderr
+    #[arg(short, long, global = true, overrides_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a file over NBD until a signal or a completed migration
+    Serve(ServeArgs),
+    /// Serve a file as the destination of an inbound migration; exit 0 once it completes
+    Listen(ServeArgs),
+    /// Ask the server behind SOCK to migrate its file to ADDR:PORT
+    Mirror(MirrorArgs),
+    /// Change the speed limit of a running migration
+    MirrorSpeed(MirrorSpeedArgs),
+    /// Stop a running migration
+    Break(SockArgs),
+    /// Replace the access control list of the server behind SOCK
+    Acl(AclArgs),
+    /// Print the status line of the server behind SOCK
+    Status(SockArgs),
+    /// Read SIZE bytes at OFFSET from an NBD server and write them to stdout
+    Read(RemoteIoArgs),
+    /// Read SIZE bytes from stdin and write them at OFFSET on an NBD server
+    Write(RemoteIoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (IPv4 or IPv6)
+    #[arg(short = 'l', long = "addr", value_name = "ADDR")]
+    pub addr: String,
+    /// TCP port to listen on (0 picks a free one, logged at I level)
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: u16,
+    /// The file to serve; it must already exist
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Path of the control socket to create
+    #[arg(short = 's', long = "sock", value_name = "SOCK")]
+    pub sock: Option<PathBuf>,
+    /// With an empty ACL, admit no client (default: an empty ACL admits everyone)
+    #[arg(short = 'd', long = "default-deny")]
+    pub default_deny: bool,
+    /// Send the original 152-byte oldstyle hello instead of fixed newstyle negotiation
+    #[arg(long)]
+    pub oldstyle: bool,
+    /// Refuse writes (EPERM) and advertise a read-only export
+    #[arg(long = "read-only")]
+    pub read_only: bool,
+    /// Disk worker threads
+    #[arg(long = "workers", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// ACL entries: IP addresses with an optional /prefix
+    #[arg(value_name = "ACL_ENTRY")]
+    pub acl: Vec<String>,
+    #[command(flatten)]
+    pub log: LogOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MirrorArgs {
+    /// Address of the destination server
+    #[arg(short = 'l', long = "addr", value_name = "ADDR")]
+    pub addr: String,
+    /// Port of the destination server
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: u16,
+    /// Control socket of the local (source) server
+    #[arg(short = 's', long = "sock", value_name = "SOCK")]
+    pub sock: PathBuf,
+    /// Unlink the served file once all data has reached the destination
+    #[arg(short = 'u', long = "unlink")]
+    pub unlink: bool,
+    /// Local address the source binds to before connecting
+    #[arg(short = 'b', long = "bind", value_name = "BIND_ADDR")]
+    pub bind: Option<String>,
+    /// Limit the migration to N bytes per second
+    #[arg(long = "max-bps", value_name = "N")]
+    pub max_bps: Option<u64>,
+    /// Stay until the migration finishes, showing progress; exit 0 only on a completed handover
+    #[arg(short = 'w', long = "wait")]
+    pub wait: bool,
+    #[command(flatten)]
+    pub log: LogOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MirrorSpeedArgs {
+    /// Control socket of the migrating server
+    #[arg(short = 's', long = "sock", value_name = "SOCK")]
+    pub sock: PathBuf,
+    /// New limit in bytes per second (0 removes the limit)
+    #[arg(long = "max-bps", value_name = "N")]
+    pub max_bps: u64,
+    #[command(flatten)]
+    pub log: LogOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SockArgs {
+    /// Control socket of the server
+    #[arg(short = 's', long = "sock", value_name = "SOCK")]
+    pub sock: PathBuf,
+    #[command(flatten)]
+    pub log: LogOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AclArgs {
+    /// Control socket of the server
+    #[arg(short = 's', long = "sock", value_name = "SOCK")]
+    pub sock: PathBuf,
+    /// The new ACL entries (none: an empty ACL)
+    #[arg(value_name = "ACL_ENTRY")]
+    pub acl: Vec<String>,
+    #[command(flatten)]
+    pub log: LogOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RemoteIoArgs {
+    /// Address of the NBD server
+    #[arg(short = 'l', long = "addr", value_name = "ADDR")]
+    pub addr: String,
+    /// Port of the NBD server
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: u16,
+    /// Byte offset (at most 2^62)
+    #[arg(short = 'F', long = "from", value_name = "OFFSET")]
+    pub from: u64,
+    /// Number of bytes (at most 2^30)
+    #[arg(short = 'S', long = "size", value_name = "SIZE")]
+    pub size: u64,
+    /// Local address to bind to (for servers with an ACL)
+    #[arg(short = 'b', long = "bind", value_name = "BIND_ADDR")]
+    pub bind: Option<String>,
+    #[command(flatten)]
+    pub log: LogOpts,
+}

@@ -1,0 +1,725 @@
+//! One NBD client session: ClientFlags -> Options -> Transmission -> Draining -> closed.
+//!
+//! Input is read into the reactor's shared buffer and parsed there; only a partial frame is kept
+//! per connection (`carry`), and a WRITE payload too big for the buffer is read straight into its
+//! own job buffer. Replies queue in `out` and leave in one writev per flush. Requests may be
+//! answered out of order as the disk pool completes them.
+//!
+//! | phase          | input                       | next                                   |
+//! |----------------|-----------------------------|----------------------------------------|
+//! | ClientFlags    | u32 client flags            | Options                                |
+//! | Options        | EXPORT_NAME / GO            | Transmission                           |
+//! | Options        | ABORT                       | Draining                               |
+//! | Options        | INFO/LIST/STRUCTURED/META   | Options                                |
+//! | Transmission   | request (+ payload)         | Transmission (job or inline reply)     |
+//! | Transmission   | DISC, shutdown              | Draining                               |
+//! | Draining       | -                           | closed once nothing is in flight/queued |
+//! | any            | EOF, bad magic, I/O error   | closed                                 |
+
+use super::{Ctx, Next};
+use crate::export::Extent;
+use crate::io_pool::{Completion, Job, Op};
+use crate::proto::handshake::{self as hs, ParseError};
+use crate::proto::transmission::{self as tx, Request};
+use crate::proto::*;
+use crate::token::ConnId;
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+
+/// Reads handled per readiness event before yielding to other connections.
+const READ_BUDGET: usize = 16;
+/// Most buffers handed to one writev.
+const MAX_IOV: usize = 64;
+/// Reads at most this big may be served inline from the page cache on the reactor thread;
+/// bigger ones would hold up every other connection for the memcpy.
+const INLINE_READ_MAX: usize = 128 * 1024;
+/// Most extents returned for one BLOCK_STATUS request.
+const MAX_EXTENTS: usize = 2048;
+const KNOWN_CMD_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    ClientFlags,
+    Options,
+    Transmission,
+    Draining,
+}
+
+/// Where the next transmission bytes go.
+enum Incoming {
+    Header,
+    /// A WRITE's payload, being read into the buffer that becomes its job.
+    Payload {
+        req: Request,
+        buf: Vec<u8>,
+        filled: usize,
+    },
+    /// A payload we refuse: dropped as it arrives, then answered with `err`.
+    Discard {
+        req: Request,
+        remaining: u64,
+        err: NbdErr,
+    },
+}
+
+/// Why a connection must close at once.
+#[derive(Debug)]
+pub enum Fatal {
+    Eof,
+    Io(io::Error),
+    Parse(ParseError),
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fatal::Eof => write!(f, "disconnected"),
+            Fatal::Io(e) => write!(f, "{e}"),
+            Fatal::Parse(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+pub struct ClientConn {
+    pub id: ConnId,
+    pub peer: SocketAddr,
+    stream: TcpStream,
+    phase: Phase,
+    incoming: Incoming,
+    carry: Vec<u8>,
+    out: VecDeque<Vec<u8>>,
+    out_pos: usize,
+    out_bytes: usize,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    no_zeroes: bool,
+    structured: bool,
+    meta_base_allocation: bool,
+    /// Readable edge seen and not yet read down to WouldBlock.
+    read_ready: bool,
+    /// Last write hit WouldBlock: wait for WRITABLE.
+    write_blocked: bool,
+    registered: Option<Interest>,
+    /// Declared itself a migration sender (flexnbd option) during negotiation.
+    pub migration_sender: bool,
+    /// A FLUSH completed and no write was accepted after it.
+    flushed: bool,
+}
+
+impl ClientConn {
+    pub fn new(id: ConnId, peer: SocketAddr, stream: TcpStream, ctx: &Ctx) -> ClientConn {
+        let mut c = ClientConn {
+            id,
+            peer,
+            stream,
+            phase: Phase::ClientFlags,
+            incoming: Incoming::Header,
+            carry: Vec::new(),
+            out: VecDeque::new(),
+            out_pos: 0,
+            out_bytes: 0,
+            in_flight: 0,
+            in_flight_bytes: 0,
+            no_zeroes: false,
+            structured: false,
+            meta_base_allocation: false,
+            read_ready: true,
+            write_blocked: false,
+            registered: None,
+            migration_sender: false,
+            flushed: false,
+        };
+        let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
+        if ctx.cfg.oldstyle {
+            hs::encode_oldstyle_hello(&mut hello, ctx.export.size(), u32::from(transmission_flags(ctx)));
+            c.phase = Phase::Transmission;
+        } else {
+            hs::encode_newstyle_greeting(&mut hello, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        }
+        c.push_out(hello);
+        c
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Stop taking requests; finish what is in flight, then close.
+    pub fn drain(&mut self) {
+        self.phase = Phase::Draining;
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Draining && self.in_flight == 0 && self.out.is_empty()
+    }
+
+    /// Would reading now make progress (edge seen, not paused)?
+    pub fn wants_read(&self, ctx: &Ctx) -> bool {
+        self.read_ready && !self.paused(ctx)
+    }
+
+    fn paused(&self, ctx: &Ctx) -> bool {
+        self.phase == Phase::Draining
+            || self.in_flight_bytes + self.out_bytes >= ctx.cfg.max_in_flight_bytes
+            || self.in_flight >= ctx.cfg.max_in_flight_reqs
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: mio::Token) -> io::Result<()> {
+        let want = self.wanted_interest();
+        registry.register(&mut self.stream, token, want)?;
+        self.registered = Some(want);
+        Ok(())
+    }
+
+    fn wanted_interest(&self) -> Interest {
+        if self.write_blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
+    }
+
+    /// Re-registers only when the wanted interest changed (WRITABLE only while output waits).
+    pub fn update_interest(&mut self, registry: &Registry) -> io::Result<()> {
+        let want = self.wanted_interest();
+        if self.registered != Some(want) {
+            registry.reregister(&mut self.stream, self.id.token, want)?;
+            self.registered = Some(want);
+        }
+        Ok(())
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
+    /// A readiness event for this connection.
+    pub fn on_event(&mut self, ctx: &mut Ctx, readable: bool, writable: bool) -> Next {
+        if writable {
+            self.write_blocked = false;
+        }
+        if readable {
+            self.read_ready = true;
+        }
+        self.step(ctx)
+    }
+
+    /// Read what we may, send what we have; used for events and for resuming paused input.
+    pub fn step(&mut self, ctx: &mut Ctx) -> Next {
+        if let Err(e) = self.read_input(ctx) {
+            return self.fail(e);
+        }
+        self.flush(ctx)
+    }
+
+    /// Sends queued output and reports whether the connection is done.
+    pub fn flush(&mut self, ctx: &mut Ctx) -> Next {
+        if let Err(e) = self.write_out() {
+            return self.fail(Fatal::Io(e));
+        }
+        if self.finished() {
+            return Next::Close;
+        }
+        if let Err(e) = self.update_interest(ctx.registry) {
+            return self.fail(Fatal::Io(e));
+        }
+        Next::Continue
+    }
+
+    fn fail(&self, e: Fatal) -> Next {
+        match e {
+            Fatal::Eof if self.in_flight == 0 => debug!("{} {}: closed by peer", self.id, self.peer),
+            Fatal::Eof => {
+                info!("{} {}: closed by peer with {} requests in flight", self.id, self.peer, self.in_flight)
+            }
+            Fatal::Parse(_) => warn!("{} {}: {e}; closing", self.id, self.peer),
+            Fatal::Io(_) => info!("{} {}: {e}; closing", self.id, self.peer),
+        }
+        Next::Close
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Input
+
+    fn read_input(&mut self, ctx: &mut Ctx) -> Result<(), Fatal> {
+        for _ in 0..READ_BUDGET {
+            if !self.read_ready || self.paused(ctx) {
+                return Ok(());
+            }
+            match &mut self.incoming {
+                Incoming::Payload { buf, filled, .. } => {
+                    match read_some(&mut self.stream, &mut buf[*filled..])? {
+                        None => self.read_ready = false,
+                        Some(n) => {
+                            *filled += n;
+                            if *filled == buf.len() {
+                                self.payload_complete(ctx);
+                            }
+                        }
+                    }
+                }
+                Incoming::Discard { .. } | Incoming::Header => {
+                    let mut sbuf = std::mem::take(ctx.sbuf);
+                    let r = self.read_and_parse(ctx, &mut sbuf);
+                    *ctx.sbuf = sbuf;
+                    r?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `carry` to the front of the shared buffer, reads after it, parses every whole frame
+    /// and keeps the incomplete tail in `carry`.
+    fn read_and_parse(&mut self, ctx: &mut Ctx, sbuf: &mut [u8]) -> Result<(), Fatal> {
+        let c = self.carry.len();
+        sbuf[..c].copy_from_slice(&self.carry);
+        self.carry.clear();
+        let mut n = c;
+        if c < sbuf.len() {
+            match read_some(&mut self.stream, &mut sbuf[c..]) {
+                Ok(Some(k)) => n += k,
+                Ok(None) => self.read_ready = false,
+                Err(e) => {
+                    // Still answer what already arrived whole? No: the peer is gone.
+                    return Err(e);
+                }
+            }
+        }
+        let used = self.parse(ctx, &sbuf[..n])?;
+        self.carry.extend_from_slice(&sbuf[used..n]);
+        Ok(())
+    }
+
+    /// Consumes as many whole frames from `data` as the current phase allows.
+    fn parse(&mut self, ctx: &mut Ctx, data: &[u8]) -> Result<usize, Fatal> {
+        let mut pos = 0;
+        while pos < data.len() && !self.paused(ctx) {
+            let rest = &data[pos..];
+            let used = match self.phase {
+                Phase::ClientFlags => match hs::parse_client_flags(rest).map_err(Fatal::Parse)? {
+                    None => break,
+                    Some((flags, used)) => {
+                        self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+                        self.phase = Phase::Options;
+                        used
+                    }
+                },
+                Phase::Options => match hs::parse_option(rest).map_err(Fatal::Parse)? {
+                    None => break,
+                    Some((opt, used)) => {
+                        self.handle_option(ctx, opt.code, opt.data);
+                        used
+                    }
+                },
+                Phase::Transmission => match &mut self.incoming {
+                    Incoming::Discard { remaining, .. } => {
+                        let k = (*remaining).min(rest.len() as u64);
+                        *remaining -= k;
+                        if *remaining == 0 {
+                            self.discard_complete();
+                        }
+                        k as usize
+                    }
+                    Incoming::Payload { buf, filled, .. } => {
+                        let k = (buf.len() - *filled).min(rest.len());
+                        buf[*filled..*filled + k].copy_from_slice(&rest[..k]);
+                        *filled += k;
+                        if *filled == buf.len() {
+                            self.payload_complete(ctx);
+                        }
+                        k
+                    }
+                    Incoming::Header => match tx::parse_request(rest).map_err(Fatal::Parse)? {
+                        None => break,
+                        Some((req, used)) => {
+                            self.handle_request(ctx, req);
+                            used
+                        }
+                    },
+                },
+                Phase::Draining => break,
+            };
+            pos += used;
+        }
+        Ok(pos)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Negotiation
+
+    fn handle_option(&mut self, ctx: &mut Ctx, code: u32, data: &[u8]) {
+        let Ok(opt) = OptCode::try_from(code) else {
+            debug!("{} {}: unsupported option {code}", self.id, self.peer);
+            return self.opt_reply(code, RepType::ErrUnsup, b"unsupported option");
+        };
+        debug!("{} {}: option {opt:?}", self.id, self.peer);
+        match opt {
+            OptCode::ExportName => {
+                let mut b = Vec::with_capacity(134);
+                hs::encode_export_name_reply(
+                    &mut b,
+                    ctx.export.size(),
+                    transmission_flags(ctx),
+                    self.no_zeroes,
+                );
+                self.push_out(b);
+                self.enter_transmission();
+            }
+            OptCode::Abort => {
+                self.opt_reply(code, RepType::Ack, &[]);
+                self.phase = Phase::Draining;
+            }
+            OptCode::List if !data.is_empty() => {
+                self.opt_reply(code, RepType::ErrInvalid, b"LIST takes no data")
+            }
+            OptCode::List => {
+                // One export; its name is empty and any name is accepted.
+                self.opt_reply(code, RepType::Server, &0u32.to_be_bytes());
+                self.opt_reply(code, RepType::Ack, &[]);
+            }
+            OptCode::Info | OptCode::Go => match hs::parse_export_request(data) {
+                Err(_) => self.opt_reply(code, RepType::ErrInvalid, b"malformed export request"),
+                Ok(req) => {
+                    self.opt_reply(
+                        code,
+                        RepType::Info,
+                        &hs::info_export(ctx.export.size(), transmission_flags(ctx)),
+                    );
+                    if req.infos.contains(&(InfoType::Name as u16)) {
+                        let mut b = Vec::with_capacity(2 + req.name.len());
+                        b.extend_from_slice(&(InfoType::Name as u16).to_be_bytes());
+                        b.extend_from_slice(req.name);
+                        self.opt_reply(code, RepType::Info, &b);
+                    }
+                    self.opt_reply(
+                        code,
+                        RepType::Info,
+                        &hs::info_block_size(1, PREFERRED_BLOCK, MAX_REQUEST_LEN),
+                    );
+                    self.opt_reply(code, RepType::Ack, &[]);
+                    if opt == OptCode::Go {
+                        self.enter_transmission();
+                    }
+                }
+            },
+            OptCode::StructuredReply if !data.is_empty() => {
+                self.opt_reply(code, RepType::ErrInvalid, b"STRUCTURED_REPLY takes no data")
+            }
+            OptCode::StructuredReply => {
+                self.structured = true;
+                self.opt_reply(code, RepType::Ack, &[]);
+            }
+            OptCode::ListMetaContext | OptCode::SetMetaContext => {
+                self.meta_context(code, opt == OptCode::SetMetaContext, data)
+            }
+            OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
+                self.migration_sender = true;
+                self.opt_reply(code, RepType::Ack, &[]);
+            }
+            _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),
+        }
+    }
+
+    fn meta_context(&mut self, code: u32, set: bool, data: &[u8]) {
+        if set && !self.structured {
+            return self.opt_reply(code, RepType::ErrInvalid, b"structured replies not negotiated");
+        }
+        let Ok(req) = hs::parse_meta_request(data) else {
+            return self.opt_reply(code, RepType::ErrInvalid, b"malformed meta context request");
+        };
+        // LIST with no queries means "all"; "base:" lists the whole base namespace.
+        let matched = if set {
+            req.queries.iter().any(|q| *q == META_BASE_ALLOCATION.as_bytes())
+        } else {
+            req.queries.is_empty()
+                || req.queries.iter().any(|q| *q == META_BASE_ALLOCATION.as_bytes() || *q == b"base:")
+        };
+        if matched {
+            let mut b = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
+            b.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+            b.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            self.opt_reply(code, RepType::MetaContext, &b);
+        }
+        if set {
+            self.meta_base_allocation = matched;
+        }
+        self.opt_reply(code, RepType::Ack, &[]);
+    }
+
+    fn enter_transmission(&mut self) {
+        self.phase = Phase::Transmission;
+        debug!(
+            "{} {}: transmission (structured={}, base:allocation={})",
+            self.id, self.peer, self.structured, self.meta_base_allocation
+        );
+    }
+
+    fn opt_reply(&mut self, opt: u32, rep: RepType, data: &[u8]) {
+        let mut b = Vec::with_capacity(20 + data.len());
+        hs::encode_option_reply(&mut b, opt, rep, data);
+        self.push_out(b);
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Transmission
+
+    fn handle_request(&mut self, ctx: &mut Ctx, req: Request) {
+        let size = ctx.export.size();
+        let len = u64::from(req.len);
+        let end = req.offset.checked_add(len);
+        let inside = end.is_some_and(|e| e <= size);
+        let ro = ctx.export.read_only();
+        if req.flags & !KNOWN_CMD_FLAGS != 0 {
+            return self.refuse(req, NbdErr::Inval);
+        }
+        let Some(cmd) = req.cmd() else {
+            debug!("{} {}: unknown command {}", self.id, self.peer, req.kind);
+            return self.reply_error(req, NbdErr::Inval, "unknown command");
+        };
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        match cmd {
+            Cmd::Read if req.len > MAX_REQUEST_LEN => self.reply_error(req, NbdErr::Inval, "read too long"),
+            Cmd::Read if !inside => self.reply_error(req, NbdErr::Inval, "read beyond the end"),
+            Cmd::Read => self.start_read(ctx, req),
+            Cmd::Write if ro => self.refuse(req, NbdErr::Perm),
+            Cmd::Write if req.len > MAX_REQUEST_LEN => self.refuse(req, NbdErr::Inval),
+            Cmd::Write if !inside => self.refuse(req, NbdErr::NoSpc),
+            Cmd::Write => {
+                self.flushed = false;
+                self.in_flight += 1;
+                self.in_flight_bytes += req.len as usize;
+                self.incoming = Incoming::Payload { req, buf: vec![0u8; req.len as usize], filled: 0 };
+                if req.len == 0 {
+                    self.payload_complete(ctx);
+                }
+            }
+            Cmd::Disc => {
+                info!("{} {}: disconnect requested", self.id, self.peer);
+                if self.migration_sender && self.flushed && self.in_flight == 0 {
+                    *ctx.migration_done = true;
+                }
+                self.phase = Phase::Draining;
+            }
+            Cmd::Flush => self.submit(ctx, req, Op::Flush, Vec::new()),
+            Cmd::Trim if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
+            Cmd::Trim if !inside => self.reply_error(req, NbdErr::Inval, "trim beyond the end"),
+            Cmd::Trim => {
+                self.flushed = false;
+                self.submit(ctx, req, Op::Trim { offset: req.offset, len, fua }, Vec::new())
+            }
+            Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
+            Cmd::WriteZeroes if !inside => self.reply_error(req, NbdErr::NoSpc, "write beyond the end"),
+            Cmd::WriteZeroes => {
+                self.flushed = false;
+                let op = Op::Zero {
+                    offset: req.offset,
+                    len,
+                    no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                    fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                    fua,
+                };
+                self.submit(ctx, req, op, Vec::new())
+            }
+            Cmd::Cache if !inside => self.reply_error(req, NbdErr::Inval, "cache beyond the end"),
+            Cmd::Cache => self.submit(ctx, req, Op::Cache { offset: req.offset, len }, Vec::new()),
+            Cmd::BlockStatus if !self.meta_base_allocation => {
+                self.reply_error(req, NbdErr::Inval, "no metadata context negotiated")
+            }
+            Cmd::BlockStatus if req.len == 0 || !inside => {
+                self.reply_error(req, NbdErr::Inval, "block status range invalid")
+            }
+            Cmd::BlockStatus => {
+                let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
+                self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
+            }
+        }
+    }
+
+    /// Refuses a request; a WRITE's payload is still on its way and is skipped, never buffered.
+    fn refuse(&mut self, req: Request, err: NbdErr) {
+        if req.has_payload() && req.len > 0 {
+            self.incoming = Incoming::Discard { req, remaining: u64::from(req.len), err };
+        } else {
+            self.reply_error(req, err, "request refused");
+        }
+    }
+
+    fn discard_complete(&mut self) {
+        if let Incoming::Discard { req, err, .. } = std::mem::replace(&mut self.incoming, Incoming::Header) {
+            self.reply_error(req, err, "write refused");
+        }
+    }
+
+    fn payload_complete(&mut self, ctx: &mut Ctx) {
+        if let Incoming::Payload { req, buf, .. } = std::mem::replace(&mut self.incoming, Incoming::Header) {
+            // in_flight was counted when the header arrived.
+            self.in_flight -= 1;
+            self.in_flight_bytes -= buf.len();
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            self.submit(ctx, req, Op::Write { offset: req.offset, fua }, buf);
+        }
+    }
+
+    fn start_read(&mut self, ctx: &mut Ctx, req: Request) {
+        let len = req.len as usize;
+        let at = if self.structured { tx::CHUNK_HEADER_LEN + 8 } else { tx::SIMPLE_REPLY_LEN };
+        let mut buf = vec![0u8; at + len];
+        if len <= INLINE_READ_MAX
+            && let Some(result) = ctx.export.try_read_nowait(&mut buf[at..], req.offset)
+        {
+            self.in_flight += 1;
+            self.in_flight_bytes += buf.len();
+            let job =
+                Job { conn: self.id, cookie: req.cookie, op: Op::Read { offset: req.offset, at, len }, buf };
+            return self.complete(ctx, Completion { job, result: result.map(|_| Vec::new()) });
+        }
+        self.submit(ctx, req, Op::Read { offset: req.offset, at, len }, buf);
+    }
+
+    fn submit(&mut self, ctx: &mut Ctx, req: Request, op: Op, buf: Vec<u8>) {
+        self.in_flight += 1;
+        self.in_flight_bytes += buf.len();
+        ctx.pool.submit(Job { conn: self.id, cookie: req.cookie, op, buf });
+    }
+
+    /// A finished job: turn it into a reply.
+    pub fn complete(&mut self, _ctx: &mut Ctx, c: Completion) {
+        let Completion { job, result } = c;
+        self.in_flight -= 1;
+        self.in_flight_bytes -= job.buf.len();
+        let cookie = job.cookie;
+        match (job.op, result) {
+            (Op::Read { offset, at, len }, Ok(_)) => {
+                let mut buf = job.buf;
+                if self.structured {
+                    let h =
+                        tx::encode_chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len as u32);
+                    buf[..tx::CHUNK_HEADER_LEN].copy_from_slice(&h);
+                    buf[tx::CHUNK_HEADER_LEN..at].copy_from_slice(&offset.to_be_bytes());
+                } else {
+                    buf[..at].copy_from_slice(&tx::encode_simple_reply(0, cookie));
+                }
+                self.push_out(buf);
+            }
+            (Op::Extents { .. }, Ok(ext)) => self.reply_extents(cookie, &ext),
+            (Op::Flush, Ok(_)) => {
+                self.flushed = true;
+                self.push_out(tx::encode_simple_reply(0, cookie).to_vec());
+            }
+            (_, Ok(_)) => self.push_out(tx::encode_simple_reply(0, cookie).to_vec()),
+            (op, Err(e)) => {
+                let err = errno_to_nbd(&e);
+                warn!("{} {}: {op:?} failed: {e}", self.id, self.peer);
+                let is_read = matches!(op, Op::Read { .. } | Op::Extents { .. });
+                self.error_reply(cookie, is_read, err, &e.to_string());
+            }
+        }
+    }
+
+    fn reply_extents(&mut self, cookie: u64, ext: &[Extent]) {
+        let mut b = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 4 + 8 * ext.len());
+        tx::encode_block_status(&mut b, cookie, META_BASE_ALLOCATION_ID, ext);
+        self.push_out(b);
+    }
+
+    fn reply_error(&mut self, req: Request, err: NbdErr, msg: &str) {
+        let is_read = matches!(req.cmd(), Some(Cmd::Read) | Some(Cmd::BlockStatus));
+        self.error_reply(req.cookie, is_read, err, msg);
+    }
+
+    /// READ and BLOCK_STATUS get a structured error chunk once structured replies are on (a
+    /// simple reply to them would break the client's framing); everything else a simple reply.
+    fn error_reply(&mut self, cookie: u64, is_read: bool, err: NbdErr, msg: &str) {
+        if self.structured && is_read {
+            let mut b = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 6 + msg.len());
+            tx::encode_error_chunk(&mut b, cookie, err as u32, msg);
+            self.push_out(b);
+        } else {
+            self.push_out(tx::encode_simple_reply(err as u32, cookie).to_vec());
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Output
+
+    fn push_out(&mut self, b: Vec<u8>) {
+        self.out_bytes += b.len();
+        self.out.push_back(b);
+    }
+
+    /// Writes queued replies with writev until done or the socket is full.
+    fn write_out(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() && !self.write_blocked {
+            let mut iov: [IoSlice; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, b) in self.out.iter().take(MAX_IOV).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &b[self.out_pos..] } else { b });
+                n += 1;
+            }
+            match self.stream.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut k) => {
+                    self.out_bytes -= k;
+                    while k > 0 {
+                        let front = self.out.front().map_or(0, |b| b.len() - self.out_pos);
+                        if k >= front {
+                            k -= front;
+                            self.out.pop_front();
+                            self.out_pos = 0;
+                        } else {
+                            self.out_pos += k;
+                            k = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One read: Some(n>0) bytes, None on WouldBlock, Err(Eof) when the peer closed.
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> Result<Option<usize>, Fatal> {
+    loop {
+        match s.read(buf) {
+            Ok(0) => return Err(Fatal::Eof),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Fatal::Io(e)),
+        }
+    }
+}
+
+pub fn transmission_flags(ctx: &Ctx) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if ctx.export.read_only() {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    f
+}
+
+/// Maps an OS error onto the few errno values NBD carries.
+pub fn errno_to_nbd(e: &io::Error) -> NbdErr {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => NbdErr::Perm,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => NbdErr::NoSpc,
+        Some(libc::EINVAL) => NbdErr::Inval,
+        Some(libc::ENOMEM) => NbdErr::NoMem,
+        Some(libc::EOPNOTSUPP) => NbdErr::NotSup,
+        Some(libc::EOVERFLOW) => NbdErr::Overflow,
+        _ => NbdErr::Io,
+    }
+}

@@ -1,0 +1,393 @@
+//! Control socket: a Unix stream listener (mode 0600) and one session per connection.
+//! A request is LF-terminated lines (command, then one argument per line) ended by a blank line
+//! or EOF; the answer is one line `<code>: <text>`, after which the session closes.
+//!
+//! | state   | input                      | next                                  |
+//! |---------|----------------------------|---------------------------------------|
+//! | Reading | partial request            | Reading                               |
+//! | Reading | blank line / EOF           | Replying (reactor executes command)   |
+//! | Reading | line too long, bad request | Replying (error reply)                |
+//! | Replying| reply fully written        | closed                                |
+
+use super::Next;
+use crate::error::Error;
+use log::{debug, info};
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Longest line accepted (the original's limit).
+pub const MAX_LINE: usize = 256;
+/// Most lines in one request: a command plus a generous ACL.
+pub const MAX_LINES: usize = 1024;
+
+/// A parsed control request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Acl(Vec<String>),
+    Break,
+    Mirror { addr: String, port: u16, action: MirrorAction, bind: Option<String>, max_bps: Option<u64> },
+    MirrorMaxBps(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorAction {
+    Exit,
+    Unlink,
+    Nothing,
+}
+
+/// Why a request cannot be executed; the text is what the client is told after `1: `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    LineTooLong,
+    TooManyLines,
+    NotText,
+    Empty,
+    Unknown(String),
+    BadArgs(String),
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::LineTooLong => write!(f, "line too long (limit {MAX_LINE} bytes)"),
+            RequestError::TooManyLines => write!(f, "too many lines (limit {MAX_LINES})"),
+            RequestError::NotText => write!(f, "request is not text"),
+            RequestError::Empty => write!(f, "empty request"),
+            RequestError::Unknown(c) => write!(f, "unknown command: {c}"),
+            RequestError::BadArgs(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// Splits a request into lines. `Ok(None)`: more bytes needed. With `eof`, whatever arrived
+/// (including a last line without LF) is the whole request.
+pub fn parse_lines(buf: &[u8], eof: bool) -> Result<Option<(Vec<String>, usize)>, RequestError> {
+    let mut lines = Vec::new();
+    let mut pos = 0;
+    loop {
+        let rest = &buf[pos..];
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                if i > MAX_LINE {
+                    return Err(RequestError::LineTooLong);
+                }
+                let line = &rest[..i];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                pos += i + 1;
+                if line.is_empty() {
+                    return Ok(Some((lines, pos)));
+                }
+                lines.push(String::from_utf8(line.to_vec()).map_err(|_| RequestError::NotText)?);
+                if lines.len() > MAX_LINES {
+                    return Err(RequestError::TooManyLines);
+                }
+            }
+            None if rest.len() > MAX_LINE => return Err(RequestError::LineTooLong),
+            None if eof => {
+                if !rest.is_empty() {
+                    lines.push(String::from_utf8(rest.to_vec()).map_err(|_| RequestError::NotText)?);
+                }
+                return Ok(Some((lines, buf.len())));
+            }
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Interprets the lines of one request.
+pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
+    let Some((cmd, args)) = lines.split_first() else { return Err(RequestError::Empty) };
+    let bad = |m: &str| RequestError::BadArgs(m.to_string());
+    match cmd.as_str() {
+        "status" => Ok(Command::Status),
+        "break" => Ok(Command::Break),
+        "acl" => Ok(Command::Acl(args.to_vec())),
+        "mirror_max_bps" => match args {
+            [n] => n.parse().map(Command::MirrorMaxBps).map_err(|_| bad("bad speed limit")),
+            _ => Err(bad("mirror_max_bps takes one argument")),
+        },
+        "mirror" => {
+            if args.len() < 2 || args.len() > 5 {
+                return Err(bad("mirror takes addr, port, [action], [bind], [max_bps]"));
+            }
+            let addr = args[0].clone();
+            if addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err() {
+                return Err(bad("bad IP address"));
+            }
+            let port = match args[1].parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(bad("bad IP port number")),
+            };
+            let action = match args.get(2).map(String::as_str) {
+                None | Some("exit") => MirrorAction::Exit,
+                Some("unlink") => MirrorAction::Unlink,
+                Some("nothing") => MirrorAction::Nothing,
+                Some(_) => return Err(bad("unknown action")),
+            };
+            let bind = match args.get(3).map(String::as_str) {
+                None | Some("") => None,
+                Some(b) if b.parse::<std::net::IpAddr>().is_ok() => Some(b.to_string()),
+                Some(_) => return Err(bad("bad bind address")),
+            };
+            let max_bps = match args.get(4) {
+                None => None,
+                Some(n) => Some(n.parse().map_err(|_| bad("bad speed limit"))?),
+            };
+            Ok(Command::Mirror { addr, port, action, bind, max_bps })
+        }
+        other => Err(RequestError::Unknown(other.chars().take(64).collect())),
+    }
+}
+
+/// Lines of a request as a client sends them (used by our CLI).
+pub fn encode_request(cmd: &str, args: &[String]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(cmd.as_bytes());
+    v.push(b'\n');
+    for a in args {
+        v.extend_from_slice(a.as_bytes());
+        v.push(b'\n');
+    }
+    v.push(b'\n');
+    v
+}
+
+/// The reply line, `<code>: <text>\n`.
+pub fn encode_reply(code: u32, text: &str) -> Vec<u8> {
+    format!("{code}: {text}\n").into_bytes()
+}
+
+/// Splits `<code>: <text>` as received by a client.
+pub fn parse_reply(line: &str) -> Option<(u32, &str)> {
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    let (code, text) = line.split_once(": ").or_else(|| line.split_once(':'))?;
+    Some((code.trim().parse().ok()?, text))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlListener {
+    /// Binds SOCK, replacing a stale socket file left by a dead process; a live server on it,
+    /// or a path that is not a socket, is an error.
+    pub fn bind(path: &Path) -> Result<ControlListener, Error> {
+        let ctx = |e| Error::ControlSocket { path: path.to_path_buf(), source: e };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ctx(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket")));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::ControlSocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(ctx)?;
+        }
+        let listener = UnixListener::bind(path).map_err(ctx)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
+        Ok(ControlListener { listener, path: path.to_path_buf() })
+    }
+
+    pub fn register(&mut self, r: &Registry, t: Token) -> io::Result<()> {
+        r.register(&mut self.listener, t, Interest::READABLE)
+    }
+
+    pub fn accept(&self) -> Option<UnixStream> {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => return Some(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("control accept failed: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unlinks the socket file (at shutdown).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+enum State {
+    Reading,
+    Replying,
+}
+
+pub struct ControlConn {
+    token: Token,
+    stream: UnixStream,
+    state: State,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    registered: Interest,
+}
+
+impl ControlConn {
+    pub fn new(token: Token, stream: UnixStream) -> ControlConn {
+        ControlConn {
+            token,
+            stream,
+            state: State::Reading,
+            buf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            registered: Interest::READABLE,
+        }
+    }
+
+    pub fn register(&mut self, r: &Registry) -> io::Result<()> {
+        r.register(&mut self.stream, self.token, Interest::READABLE)
+    }
+
+    pub fn deregister(&mut self, r: &Registry) {
+        let _ = r.deregister(&mut self.stream);
+    }
+
+    /// Reads; returns a command for the reactor to execute once a whole request arrived.
+    pub fn on_event(&mut self, r: &Registry, readable: bool, _writable: bool) -> (Next, Option<Command>) {
+        match self.state {
+            State::Replying => (self.write_out(r), None),
+            State::Reading if !readable => (Next::Continue, None),
+            State::Reading => self.read_request(r),
+        }
+    }
+
+    fn read_request(&mut self, r: &Registry) -> (Next, Option<Command>) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let eof = match self.stream.read(&mut chunk) {
+                Ok(0) => true,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    false
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Next::Continue, None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return (Next::Close, None),
+            };
+            match parse_lines(&self.buf, eof) {
+                Ok(None) => continue,
+                Ok(Some((lines, _))) if lines.is_empty() && eof => return (Next::Close, None),
+                Ok(Some((lines, _))) => match parse_command(&lines) {
+                    Ok(cmd) => {
+                        self.buf = Vec::new();
+                        return (Next::Continue, Some(cmd));
+                    }
+                    Err(e) => return (self.reply(r, &(1, e.to_string())), None),
+                },
+                Err(e) => {
+                    info!("control request refused: {e}");
+                    return (self.reply(r, &(1, e.to_string())), None);
+                }
+            }
+        }
+    }
+
+    /// Queues the one reply line and starts sending it.
+    pub fn reply(&mut self, r: &Registry, reply: &(u32, String)) -> Next {
+        self.buf = Vec::new();
+        self.out = encode_reply(reply.0, &reply.1);
+        self.state = State::Replying;
+        self.write_out(r)
+    }
+
+    fn write_out(&mut self, r: &Registry) -> Next {
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.registered != Interest::WRITABLE {
+                        self.registered = Interest::WRITABLE;
+                        if r.reregister(&mut self.stream, self.token, Interest::WRITABLE).is_err() {
+                            return Next::Close;
+                        }
+                    }
+                    return Next::Continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Next::Close,
+            }
+        }
+        Next::Close
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn lines_complete_incomplete_trailing() {
+        assert_eq!(parse_lines(b"status\n\nxx", false).unwrap(), Some((lines(&["status"]), 8)));
+        assert_eq!(parse_lines(b"status\n", false).unwrap(), None);
+        assert_eq!(parse_lines(b"status", true).unwrap(), Some((lines(&["status"]), 6)));
+        assert_eq!(parse_lines(b"acl\r\n1.2.3.4\n\n", false).unwrap().unwrap().0, lines(&["acl", "1.2.3.4"]));
+        assert_eq!(parse_lines(b"", true).unwrap(), Some((vec![], 0)));
+    }
+
+    #[test]
+    fn lines_limits() {
+        assert_eq!(parse_lines(&[b'a'; 1 << 20], false), Err(RequestError::LineTooLong));
+        let mut long = vec![b'a'; 300];
+        long.push(b'\n');
+        assert_eq!(parse_lines(&long, false), Err(RequestError::LineTooLong));
+        assert_eq!(parse_lines(b"\xff\xfe\n\n", false), Err(RequestError::NotText));
+        let many = "x\n".repeat(MAX_LINES + 2);
+        assert_eq!(parse_lines(many.as_bytes(), false), Err(RequestError::TooManyLines));
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(parse_command(&lines(&["status"])), Ok(Command::Status));
+        assert_eq!(parse_command(&lines(&["acl", "10.0.0.1"])), Ok(Command::Acl(lines(&["10.0.0.1"]))));
+        assert_eq!(parse_command(&lines(&["mirror_max_bps", "100"])), Ok(Command::MirrorMaxBps(100)));
+        assert_eq!(
+            parse_command(&lines(&["mirror", "127.0.0.1", "4000", "unlink", "127.0.0.2", "5"])),
+            Ok(Command::Mirror {
+                addr: "127.0.0.1".into(),
+                port: 4000,
+                action: MirrorAction::Unlink,
+                bind: Some("127.0.0.2".into()),
+                max_bps: Some(5)
+            })
+        );
+        assert_eq!(
+            parse_command(&lines(&["mirror", "nope", "4000"])),
+            Err(RequestError::BadArgs("bad IP address".into()))
+        );
+        assert_eq!(
+            parse_command(&lines(&["mirror", "::1", "0"])),
+            Err(RequestError::BadArgs("bad IP port number".into()))
+        );
+        assert!(matches!(parse_command(&lines(&["frobnicate"])), Err(RequestError::Unknown(_))));
+        assert_eq!(parse_command(&[]), Err(RequestError::Empty));
+    }
+
+    #[test]
+    fn reply_roundtrip() {
+        let r = encode_reply(0, "pid=1 size=2");
+        assert_eq!(parse_reply(std::str::from_utf8(&r).unwrap()), Some((0, "pid=1 size=2")));
+        assert_eq!(parse_reply("1: not mirroring\n"), Some((1, "not mirroring")));
+        assert_eq!(parse_reply("garbage"), None);
+    }
+}

@@ -1,0 +1,530 @@
+//! The reactor: one mio Poll drives the listener, every connection's state machine, the control
+//! socket, signals (signalfd) and disk completions (Waker). It owns all sockets and all protocol
+//! state; disk workers only ever see jobs.
+
+use crate::acl::Acl;
+use crate::conn::client::ClientConn;
+use crate::conn::control::{Command, ControlConn, ControlListener};
+use crate::conn::{Ctx, Next, SHARED_READ_BUF, ServeConfig};
+use crate::error::Error;
+use crate::export::Export;
+use crate::io_pool::{Completion, IoPool};
+use crate::token::{self, ConnId};
+use crate::{fatal, signals};
+use log::{debug, info, warn};
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long shutdown waits for in-flight requests and unsent replies before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Back-off after accept() fails for lack of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct ServeOptions {
+    pub addr: String,
+    pub port: u16,
+    pub file: PathBuf,
+    pub sock: Option<PathBuf>,
+    pub default_deny: bool,
+    pub acl: Vec<String>,
+    pub oldstyle: bool,
+    pub read_only: bool,
+    pub listen: bool,
+    pub workers: usize,
+}
+
+pub enum Conn {
+    Client(ClientConn),
+    Control(ControlConn),
+}
+
+/// Everything but the connections, so a connection can borrow it while the slab is borrowed.
+pub struct Core {
+    pub export: Arc<Export>,
+    pub pool: IoPool,
+    pub cfg: ServeConfig,
+    pub acl: Acl,
+    pub registry: Registry,
+    pub sbuf: Vec<u8>,
+    pub migration_done: bool,
+    pub num_clients: usize,
+    pub started: Instant,
+}
+
+impl Core {
+    fn ctx(&mut self) -> Ctx<'_> {
+        Ctx {
+            export: &self.export,
+            pool: &self.pool,
+            cfg: &self.cfg,
+            acl: &self.acl,
+            registry: &self.registry,
+            sbuf: &mut self.sbuf,
+            migration_done: &mut self.migration_done,
+        }
+    }
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    control: Option<ControlListener>,
+    signals: signals::SignalFd,
+    conns: Slab<Conn>,
+    core: Core,
+    generation: u64,
+    pending: Vec<Token>,
+    completions: Vec<Completion>,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Server {
+    pub fn new(o: ServeOptions) -> Result<Server, Error> {
+        let acl = Acl::parse(&o.acl, o.default_deny)?;
+        let addr = resolve(&o.addr, o.port)?;
+        let export = Arc::new(Export::open(&o.file, o.read_only)?);
+        raise_nofile_limit();
+        // Signals are blocked before any thread starts, so only the signalfd ever sees them.
+        let signals = signals::SignalFd::new()
+            .map_err(|e| Error::Setup { what: "cannot set up signal handling", source: e })?;
+        let setup = |what| move |e| Error::Setup { what, source: e };
+        let poll = Poll::new().map_err(setup("cannot create poll"))?;
+        let mut listener =
+            TcpListener::bind(addr).map_err(|e| Error::Listen { addr: addr.to_string(), source: e })?;
+        let local = listener.local_addr().map_err(setup("cannot read listening address"))?;
+        let control = match &o.sock {
+            Some(p) => Some(ControlListener::bind(p)?),
+            None => None,
+        };
+        let registry = poll.registry().try_clone().map_err(setup("cannot clone registry"))?;
+        registry
+            .register(&mut listener, token::LISTENER, Interest::READABLE)
+            .map_err(setup("cannot register listener"))?;
+        registry
+            .register(&mut SourceFd(&signals.as_raw_fd()), token::SIGNAL, Interest::READABLE)
+            .map_err(setup("cannot register signals"))?;
+        let mut control = control;
+        if let Some(c) = control.as_mut() {
+            c.register(&registry, token::CONTROL).map_err(setup("cannot register control socket"))?;
+        }
+        let waker = Arc::new(Waker::new(&registry, token::WAKER).map_err(setup("cannot create waker"))?);
+        let pool =
+            IoPool::new(o.workers, export.clone(), waker).map_err(setup("cannot start disk workers"))?;
+        info!("listening on {local}, serving {} ({} bytes)", o.file.display(), export.size());
+        let cfg = ServeConfig {
+            oldstyle: o.oldstyle,
+            read_only: o.read_only,
+            listen: o.listen,
+            max_in_flight_bytes: 64 << 20,
+            max_in_flight_reqs: 1024,
+        };
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            control,
+            signals,
+            conns: Slab::new(),
+            core: Core {
+                export,
+                pool,
+                cfg,
+                acl,
+                registry,
+                sbuf: vec![0u8; SHARED_READ_BUF],
+                migration_done: false,
+                num_clients: 0,
+                started: Instant::now(),
+            },
+            generation: 0,
+            pending: Vec::new(),
+            completions: Vec::new(),
+            accept_paused_until: None,
+            shutdown_deadline: None,
+        })
+    }
+
+    /// Runs until a signal (exit status 0 after draining) or, in listen mode, a completed
+    /// migration. Returns the process exit status.
+    pub fn run(mut self) -> Result<i32, Error> {
+        let mut events = Events::with_capacity(1024);
+        let status = loop {
+            let timeout = self.timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Io { what: "poll failed".into(), source: e });
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    token::LISTENER => self.accept(),
+                    token::WAKER => {}
+                    token::SIGNAL => {
+                        if let Some(code) = self.on_signal() {
+                            return Ok(code);
+                        }
+                    }
+                    token::CONTROL => self.accept_control(),
+                    t => {
+                        let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                        self.conn_event(t, r, w);
+                    }
+                }
+            }
+            self.drain_completions();
+            self.run_pending();
+            if let Some(until) = self.accept_paused_until
+                && Instant::now() >= until
+            {
+                self.accept_paused_until = None;
+                self.accept();
+            }
+            if self.core.migration_done {
+                info!("migration complete");
+                break 0;
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.core.num_clients == 0 {
+                    break 0;
+                }
+                if Instant::now() >= deadline {
+                    warn!(
+                        "{} clients still busy after {:?}; exiting anyway",
+                        self.core.num_clients, DRAIN_TIMEOUT
+                    );
+                    break 0;
+                }
+            }
+        };
+        self.finish();
+        Ok(status)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        if !self.pending.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut t: Option<Duration> = None;
+        if self.shutdown_deadline.is_some() || self.accept_paused_until.is_some() {
+            t = Some(ACCEPT_BACKOFF);
+        }
+        t
+    }
+
+    /// Flush the file, remove the control socket, stop the workers.
+    fn finish(&mut self) {
+        for (_, c) in self.conns.iter_mut() {
+            if let Conn::Client(c) = c {
+                c.deregister(&self.core.registry);
+            }
+        }
+        self.conns.clear();
+        self.core.pool.shutdown();
+        if let Err(e) = self.core.export.flush() {
+            warn!("final flush failed: {e}");
+        }
+        if let Some(c) = self.control.take() {
+            c.remove();
+        }
+    }
+
+    fn accept(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            let (stream, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    warn!("cannot accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+                Err(e) => {
+                    debug!("accept failed: {e}");
+                    continue;
+                }
+            };
+            if !self.core.acl.admits(peer.ip()) {
+                info!("refused {peer}: not in the access control list");
+                continue;
+            }
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!("{peer}: cannot set TCP_NODELAY: {e}");
+            }
+            set_keepalive(stream.as_raw_fd());
+            let entry = self.conns.vacant_entry();
+            let token = Token(entry.key());
+            if token.0 >= token::FIRST_RESERVED {
+                warn!("refused {peer}: too many connections");
+                continue;
+            }
+            self.generation += 1;
+            let id = ConnId { token, generation: self.generation };
+            let ctx = self.core.ctx();
+            let mut c = ClientConn::new(id, peer, stream, &ctx);
+            if let Err(e) = c.register(&self.core.registry, token) {
+                warn!("{id} {peer}: cannot register: {e}");
+                continue;
+            }
+            info!("{id} {peer}: connected");
+            entry.insert(Conn::Client(c));
+            self.core.num_clients += 1;
+            self.conn_event(token, true, true);
+        }
+    }
+
+    fn accept_control(&mut self) {
+        while let Some(stream) = self.control.as_ref().and_then(|l| l.accept()) {
+            let entry = self.conns.vacant_entry();
+            let token = Token(entry.key());
+            if token.0 >= token::FIRST_RESERVED {
+                continue;
+            }
+            let mut c = ControlConn::new(token, stream);
+            if c.register(&self.core.registry).is_err() {
+                continue;
+            }
+            entry.insert(Conn::Control(c));
+            self.conn_event(token, true, true);
+        }
+    }
+
+    fn conn_event(&mut self, t: Token, readable: bool, writable: bool) {
+        let next = match self.conns.get_mut(t.0) {
+            None => return,
+            Some(Conn::Client(c)) => {
+                let mut ctx = self.core.ctx();
+                let n = c.on_event(&mut ctx, readable, writable);
+                if n == Next::Continue && c.wants_read(&ctx) {
+                    self.pending.push(t);
+                }
+                n
+            }
+            Some(Conn::Control(_)) => self.control_event(t, readable, writable),
+        };
+        if next == Next::Close {
+            self.close(t);
+        }
+    }
+
+    fn control_event(&mut self, t: Token, readable: bool, writable: bool) -> Next {
+        let Some(Conn::Control(c)) = self.conns.get_mut(t.0) else { return Next::Close };
+        let (next, cmd) = c.on_event(&self.core.registry, readable, writable);
+        if let Some(cmd) = cmd {
+            let reply = self.execute(cmd);
+            if let Some(Conn::Control(c)) = self.conns.get_mut(t.0) {
+                return c.reply(&self.core.registry, &reply);
+            }
+        }
+        next
+    }
+
+    /// Runs one control command and returns the reply (code, text).
+    fn execute(&mut self, cmd: Command) -> (u32, String) {
+        debug!("control command {cmd:?}");
+        match cmd {
+            Command::Status => (0, self.status_line()),
+            Command::Acl(entries) => match Acl::parse(&entries, self.core.acl.default_deny()) {
+                Err(e) => (1, format!("bad spec: {}", e.0)),
+                Ok(acl) => {
+                    self.core.acl = acl;
+                    self.enforce_acl();
+                    (0, "updated".into())
+                }
+            },
+            Command::Break | Command::MirrorMaxBps(_) => (1, "not mirroring".into()),
+            Command::Mirror { .. } if self.core.cfg.listen => {
+                (1, "cannot mirror from a listen server".into())
+            }
+            Command::Mirror { .. } => (1, "migration is not available in this build".into()),
+        }
+    }
+
+    fn status_line(&self) -> String {
+        format!(
+            "pid={} size={} is_mirroring=false clients_allowed={} num_clients={} has_control={}",
+            std::process::id(),
+            self.core.export.size(),
+            self.listener.is_some() && self.core.acl.allows_any(),
+            self.core.num_clients,
+            !self.core.cfg.listen,
+        )
+    }
+
+    /// After an ACL change, disconnects every client the new list no longer admits.
+    fn enforce_acl(&mut self) {
+        let refused: Vec<Token> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if !self.core.acl.admits(c.peer.ip()) => Some(Token(k)),
+                _ => None,
+            })
+            .collect();
+        for t in refused {
+            if let Some(Conn::Client(c)) = self.conns.get(t.0) {
+                info!("{} {}: no longer admitted by the access control list", c.id, c.peer);
+            }
+            self.close(t);
+        }
+    }
+
+    fn close(&mut self, t: Token) {
+        match self.conns.try_remove(t.0) {
+            Some(Conn::Client(mut c)) => {
+                c.deregister(&self.core.registry);
+                self.core.num_clients -= 1;
+                info!("{} {}: disconnected", c.id, c.peer);
+            }
+            Some(Conn::Control(mut c)) => c.deregister(&self.core.registry),
+            None => {}
+        }
+    }
+
+    fn drain_completions(&mut self) {
+        self.core.pool.drain(&mut self.completions);
+        if self.completions.is_empty() {
+            return;
+        }
+        let mut touched: Vec<Token> = Vec::new();
+        let mut done = std::mem::take(&mut self.completions);
+        for c in done.drain(..) {
+            let id = c.job.conn;
+            match self.conns.get_mut(id.token.0) {
+                Some(Conn::Client(conn)) if conn.id == id => {
+                    let mut ctx = self.core.ctx();
+                    conn.complete(&mut ctx, c);
+                    if touched.last() != Some(&id.token) {
+                        touched.push(id.token);
+                    }
+                }
+                // The connection went away (or its slot was reused) while the disk worked.
+                _ => debug!("{id}: dropping completion for a closed connection"),
+            }
+        }
+        self.completions = done;
+        touched.sort_unstable_by_key(|t| t.0);
+        touched.dedup();
+        // One flush per connection covers every reply this drain produced (one writev).
+        for t in touched {
+            self.step(t);
+        }
+    }
+
+    fn run_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for t in pending {
+            self.step(t);
+        }
+    }
+
+    /// Lets a connection read (if it may) and send; re-queues it if it could read more.
+    fn step(&mut self, t: Token) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(t.0) else { return };
+        let mut ctx = self.core.ctx();
+        let next = c.step(&mut ctx);
+        if next == Next::Close {
+            self.close(t);
+        } else if c.wants_read(&ctx) && !self.pending.contains(&t) {
+            self.pending.push(t);
+        }
+    }
+
+    /// Returns an exit status when the process must end now.
+    fn on_signal(&mut self) -> Option<i32> {
+        let sig = self.signals.read()?;
+        if self.shutdown_deadline.is_some() {
+            fatal!("second signal ({sig}) during shutdown: exiting at once");
+            if let Some(c) = self.control.take() {
+                c.remove();
+            }
+            return Some(1);
+        }
+        info!("signal {sig}: no new clients, finishing in-flight requests");
+        self.begin_shutdown();
+        None
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutdown_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.core.registry.deregister(&mut l);
+        }
+        let tokens: Vec<Token> = self.conns.iter().map(|(k, _)| Token(k)).collect();
+        for t in tokens {
+            if let Some(Conn::Client(c)) = self.conns.get_mut(t.0) {
+                c.drain();
+            }
+            self.step(t);
+        }
+    }
+}
+
+fn resolve(addr: &str, port: u16) -> Result<SocketAddr, Error> {
+    // Accept IPv6 literals with or without brackets.
+    let host = addr.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Error::BadAddress(addr.to_string()))
+}
+
+/// SO_KEEPALIVE with the original's timings, so a vanished peer is noticed.
+pub fn set_keepalive(fd: i32) {
+    let set = |level, opt, val: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
+/// Many idle clients need many descriptors: take the soft limit up to the hard one.
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                debug!("cannot raise RLIMIT_NOFILE");
+            }
+        }
+    }
+}
+
+pub fn serve(o: ServeOptions) -> Result<i32, Error> {
+    Server::new(o)?.run()
+}

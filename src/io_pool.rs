@@ -1,0 +1,171 @@
+//! Disk worker threads. The reactor submits `Job`s; workers run them against the export and
+//! push `Completion`s back, waking the reactor through the mio Waker only when the completion
+//! queue goes from empty to non-empty (one wake per drain, not per job).
+
+use crate::export::{Export, Extent};
+use crate::token::ConnId;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+#[derive(Debug)]
+pub enum Op {
+    /// Read `len` bytes into `buf[at..at+len]` (the reply header lives in front of it).
+    Read {
+        offset: u64,
+        at: usize,
+        len: usize,
+    },
+    /// Write all of `buf`.
+    Write {
+        offset: u64,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    Extents {
+        offset: u64,
+        len: u32,
+        max: usize,
+    },
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub conn: ConnId,
+    pub cookie: u64,
+    pub op: Op,
+    pub buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub job: Job,
+    pub result: io::Result<Vec<Extent>>,
+}
+
+struct Shared {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    cond: Condvar,
+    done: Mutex<Vec<Completion>>,
+    waker: Arc<mio::Waker>,
+    export: Arc<Export>,
+}
+
+pub struct IoPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IoPool {
+    pub fn new(n: usize, export: Arc<Export>, waker: Arc<mio::Waker>) -> io::Result<IoPool> {
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new((VecDeque::new(), false)),
+            cond: Condvar::new(),
+            done: Mutex::new(Vec::new()),
+            waker,
+            export,
+        });
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = shared.clone();
+            // Workers only run syscalls and small bookkeeping: a small stack keeps RSS down.
+            let t = std::thread::Builder::new()
+                .name(format!("io{i}"))
+                .stack_size(128 * 1024)
+                .spawn(move || worker(&s))?;
+            threads.push(t);
+        }
+        Ok(IoPool { shared, threads })
+    }
+
+    pub fn submit(&self, job: Job) {
+        let mut q = lock(&self.shared.jobs);
+        q.0.push_back(job);
+        drop(q);
+        self.shared.cond.notify_one();
+    }
+
+    /// Everything completed since the last call.
+    pub fn drain(&self, into: &mut Vec<Completion>) {
+        let mut d = lock(&self.shared.done);
+        std::mem::swap(&mut *d, into);
+    }
+
+    /// Stops the workers after the jobs already queued have run.
+    pub fn shutdown(&mut self) {
+        lock(&self.shared.jobs).1 = true;
+        self.shared.cond.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A poisoned lock only means another worker panicked mid-push; the queue itself is intact.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn worker(s: &Shared) {
+    loop {
+        let job = {
+            let mut q = lock(&s.jobs);
+            loop {
+                if let Some(j) = q.0.pop_front() {
+                    break j;
+                }
+                if q.1 {
+                    return;
+                }
+                q = s.cond.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let c = run(&s.export, job);
+        let was_empty = {
+            let mut d = lock(&s.done);
+            d.push(c);
+            d.len() == 1
+        };
+        if was_empty {
+            let _ = s.waker.wake();
+        }
+    }
+}
+
+pub fn run(e: &Export, mut job: Job) -> Completion {
+    let result = match job.op {
+        Op::Read { offset, at, len } => e.read_at(&mut job.buf[at..at + len], offset).map(|_| Vec::new()),
+        Op::Write { offset, fua } => e.write_at(&job.buf, offset, fua).map(|_| Vec::new()),
+        Op::Flush => e.flush().map(|_| Vec::new()),
+        Op::Trim { offset, len, fua } => e.trim(offset, len, fua).map(|_| Vec::new()),
+        Op::Zero { offset, len, no_hole, fast, fua } => {
+            e.write_zeroes(offset, len, no_hole, fast, fua).map(|_| Vec::new())
+        }
+        Op::Cache { offset, len } => e.cache(offset, len).map(|_| Vec::new()),
+        Op::Extents { offset, len, max } => e.extents(offset, len, max),
+    };
+    Completion { job, result }
+}

@@ -1,0 +1,24 @@
+//! flexnbd: a fast NBD server that can live-migrate the file it serves.
+//!
+//! Thread model:
+//! ```text
+//!   reactor thread (mio::Poll)                          disk workers (N threads)
+//!   listener -> ACL -> ClientConn state machines  --Job-->  pread / pwrite / fallocate
+//!   control listener -> ControlConn sessions              fdatasync / SEEK_DATA|HOLE
+//!   signalfd -> drain and exit                    <-Completion + mio::Waker--
+//! ```
+//! One thread owns every socket and all protocol state; workers never touch sockets. A job
+//! carries its connection's `ConnId` so a completion for a closed connection is dropped.
+
+pub mod acl;
+pub mod cli;
+pub mod conn;
+pub mod error;
+pub mod event_loop;
+pub mod export;
+pub mod io_pool;
+pub mod log;
+pub mod proto;
+pub mod remote;
+pub mod signals;
+pub mod token;

@@ -1,0 +1,240 @@
+//! Pure parse/encode of the NBD transmission phase: request headers, simple replies and
+//! structured reply chunks (block status, errors, data), for the server and our clients.
+
+use super::handshake::ParseError;
+use super::*;
+
+pub const REQUEST_LEN: usize = 28;
+pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// Largest structured chunk payload a client of ours accepts: a full read plus its offset, or a
+/// block-status list; anything bigger is a broken or hostile server.
+pub const MAX_CHUNK_LEN: u32 = MAX_REQUEST_LEN + 4096;
+
+/// A request header. `kind` stays raw: an unknown command must be answered with EINVAL, not
+/// treated as a framing error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Request {
+    pub fn cmd(&self) -> Option<Cmd> {
+        Cmd::try_from(self.kind).ok()
+    }
+
+    /// Whether a payload of `len` bytes follows this header on the wire.
+    pub fn has_payload(&self) -> bool {
+        self.kind == Cmd::Write as u16
+    }
+
+    /// u32 magic, u16 flags, u16 type, u64 cookie, u64 offset, u32 length.
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ParseError> {
+    if buf.len() < REQUEST_LEN {
+        return Ok(None);
+    }
+    let magic = be32(buf);
+    if magic != REQUEST_MAGIC {
+        return Err(ParseError::BadMagic { expected: REQUEST_MAGIC.into(), got: magic.into() });
+    }
+    let req = Request {
+        flags: be16(&buf[4..]),
+        kind: be16(&buf[6..]),
+        cookie: be64(&buf[8..]),
+        offset: be64(&buf[16..]),
+        len: be32(&buf[24..]),
+    };
+    Ok(Some((req, REQUEST_LEN)))
+}
+
+/// Simple reply: u32 magic, u32 error, u64 cookie.
+pub fn encode_simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+/// Structured chunk header: u32 magic, u16 flags, u16 type, u64 cookie, u32 payload length.
+pub fn encode_chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut b = [0u8; CHUNK_HEADER_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A final NBD_REPLY_TYPE_ERROR chunk: header, u32 error, u16 message length, message.
+pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    out.extend_from_slice(&encode_chunk_header(REPLY_FLAG_DONE, CHUNK_ERROR, cookie, 6 + msg.len() as u32));
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// A final NBD_REPLY_TYPE_BLOCK_STATUS chunk: header, u32 context id, then (u32 length,
+/// u32 flags) descriptors.
+pub fn encode_block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
+    let len = 4 + 8 * extents.len() as u32;
+    out.extend_from_slice(&encode_chunk_header(REPLY_FLAG_DONE, CHUNK_BLOCK_STATUS, cookie, len));
+    out.extend_from_slice(&context.to_be_bytes());
+    for (l, f) in extents {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+}
+
+/// A reply header as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    Simple { error: u32, cookie: u64 },
+    Chunk { flags: u16, kind: u16, cookie: u64, len: u32 },
+}
+
+impl ReplyHeader {
+    pub fn cookie(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
+        }
+    }
+}
+
+pub fn parse_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, ParseError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    match be32(buf) {
+        SIMPLE_REPLY_MAGIC if buf.len() < SIMPLE_REPLY_LEN => Ok(None),
+        SIMPLE_REPLY_MAGIC => Ok(Some((
+            ReplyHeader::Simple { error: be32(&buf[4..]), cookie: be64(&buf[8..]) },
+            SIMPLE_REPLY_LEN,
+        ))),
+        STRUCTURED_REPLY_MAGIC if buf.len() < CHUNK_HEADER_LEN => Ok(None),
+        STRUCTURED_REPLY_MAGIC => {
+            let len = be32(&buf[16..]);
+            if len > MAX_CHUNK_LEN {
+                return Err(ParseError::TooLong { len: len.into(), max: MAX_CHUNK_LEN.into() });
+            }
+            let h = ReplyHeader::Chunk {
+                flags: be16(&buf[4..]),
+                kind: be16(&buf[6..]),
+                cookie: be64(&buf[8..]),
+                len,
+            };
+            Ok(Some((h, CHUNK_HEADER_LEN)))
+        }
+        other => Err(ParseError::BadMagic { expected: SIMPLE_REPLY_MAGIC.into(), got: other.into() }),
+    }
+}
+
+/// Payload of an error chunk: (error, message).
+pub fn parse_error_chunk(data: &[u8]) -> Result<(u32, &[u8]), ParseError> {
+    if data.len() < 6 {
+        return Err(ParseError::Malformed("error chunk"));
+    }
+    let n = be16(&data[4..]) as usize;
+    // ERROR_OFFSET chunks carry 8 more bytes after the message.
+    if data.len() < 6 + n {
+        return Err(ParseError::Malformed("error chunk message"));
+    }
+    Ok((be32(data), &data[6..6 + n]))
+}
+
+/// Payload of an OFFSET_DATA chunk: (offset, data).
+pub fn parse_offset_data(data: &[u8]) -> Result<(u64, &[u8]), ParseError> {
+    if data.len() < 8 {
+        return Err(ParseError::Malformed("offset data chunk"));
+    }
+    Ok((be64(data), &data[8..]))
+}
+
+/// Payload of an OFFSET_HOLE chunk: (offset, hole length).
+pub fn parse_offset_hole(data: &[u8]) -> Result<(u64, u32), ParseError> {
+    if data.len() != 12 {
+        return Err(ParseError::Malformed("offset hole chunk"));
+    }
+    Ok((be64(data), be32(&data[8..])))
+}
+
+/// Payload of a BLOCK_STATUS chunk: context id and descriptors.
+pub fn parse_block_status(data: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ParseError> {
+    if data.len() < 4 || !(data.len() - 4).is_multiple_of(8) {
+        return Err(ParseError::Malformed("block status chunk"));
+    }
+    let ext = data[4..].chunks_exact(8).map(|c| (be32(c), be32(&c[4..]))).collect();
+    Ok((be32(data), ext))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> Request {
+        Request { flags: 1, kind: 1, cookie: 0xabcdef, offset: 4096, len: 512 }
+    }
+
+    #[test]
+    fn request_complete_incomplete_trailing() {
+        let b = req().encode();
+        assert_eq!(parse_request(&b).unwrap(), Some((req(), REQUEST_LEN)));
+        for cut in 0..REQUEST_LEN {
+            assert_eq!(parse_request(&b[..cut]).unwrap(), None);
+        }
+        let mut t = b.to_vec();
+        t.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(parse_request(&t).unwrap(), Some((req(), REQUEST_LEN)));
+    }
+
+    #[test]
+    fn request_bad_magic_and_unknown_cmd() {
+        let mut b = req().encode();
+        b[0] = 0;
+        assert!(matches!(parse_request(&b), Err(ParseError::BadMagic { .. })));
+        let r = Request { kind: 99, ..req() };
+        let (p, _) = parse_request(&r.encode()).unwrap().unwrap();
+        assert_eq!(p.cmd(), None);
+    }
+
+    #[test]
+    fn replies_roundtrip() {
+        let s = encode_simple_reply(22, 7);
+        assert_eq!(parse_reply_header(&s).unwrap(), Some((ReplyHeader::Simple { error: 22, cookie: 7 }, 16)));
+        assert_eq!(parse_reply_header(&s[..15]).unwrap(), None);
+        let mut e = Vec::new();
+        encode_error_chunk(&mut e, 9, 5, "boom");
+        let (h, used) = parse_reply_header(&e).unwrap().unwrap();
+        assert_eq!(h, ReplyHeader::Chunk { flags: 1, kind: CHUNK_ERROR, cookie: 9, len: 10 });
+        assert_eq!(parse_error_chunk(&e[used..]).unwrap(), (5, &b"boom"[..]));
+        let mut bs = Vec::new();
+        encode_block_status(&mut bs, 3, 1, &[(4096, 0), (8192, 3)]);
+        let (_, used) = parse_reply_header(&bs).unwrap().unwrap();
+        assert_eq!(parse_block_status(&bs[used..]).unwrap(), (1, vec![(4096, 0), (8192, 3)]));
+    }
+
+    #[test]
+    fn reply_bad_magic_and_huge_chunk() {
+        assert!(parse_reply_header(&[0, 0, 0, 0]).is_err());
+        let h = encode_chunk_header(0, 1, 1, u32::MAX);
+        assert!(matches!(parse_reply_header(&h), Err(ParseError::TooLong { .. })));
+    }
+}

@@ -1,0 +1,359 @@
+//! The command-line clients: `status`, `acl`, `break`, `mirror`, `mirror-speed` talk to a
+//! server's control socket; `read` and `write` are one-shot blocking NBD clients.
+
+use crate::conn::control::{encode_request, parse_reply};
+use crate::error::Error;
+use crate::proto::handshake::{self as hs, Greeting};
+use crate::proto::transmission::{self as tx, ReplyHeader, Request};
+use crate::proto::*;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::io::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+pub const MAX_OFFSET: u64 = 1 << 62;
+pub const MAX_SIZE: u64 = 1 << 30;
+/// How long a CLI client waits on a silent server before giving up.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn remote(msg: impl Into<String>) -> Error {
+    Error::Remote(msg.into())
+}
+
+fn io_ctx(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Sends one request on the control socket and returns (code, text).
+pub fn control(sock: &Path, cmd: &str, args: &[String]) -> Result<(u32, String), Error> {
+    let mut s = UnixStream::connect(sock)
+        .map_err(io_ctx(format!("cannot connect to control socket {}", sock.display())))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("control socket"))?;
+    s.write_all(&encode_request(cmd, args)).map_err(io_ctx("cannot send control request"))?;
+    let mut reply = Vec::new();
+    // The server sends one line then closes; read to EOF, but never more than a sane amount.
+    (&mut s).take(64 * 1024).read_to_end(&mut reply).map_err(io_ctx("cannot read control reply"))?;
+    let text = String::from_utf8_lossy(&reply);
+    let line = text.lines().next().unwrap_or("");
+    let (code, msg) =
+        parse_reply(line).ok_or_else(|| remote(format!("unexpected reply from server: {line:?}")))?;
+    Ok((code, msg.to_string()))
+}
+
+/// Prints a control reply the way every control command does: text to stdout on success,
+/// to stderr (and exit 1) otherwise.
+pub fn print_reply((code, text): (u32, String)) -> i32 {
+    if code == 0 {
+        println!("{text}");
+        0
+    } else {
+        eprintln!("{text}");
+        1
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NBD client for read/write.
+
+pub struct NbdClient {
+    stream: TcpStream,
+    pub size: u64,
+    pub flags: u16,
+    max_block: u32,
+    cookie: u64,
+}
+
+impl NbdClient {
+    pub fn connect(addr: &str, port: u16, bind: Option<&str>) -> Result<NbdClient, Error> {
+        let stream = connect_tcp(addr, port, bind)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("socket"))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("socket"))?;
+        let _ = stream.set_nodelay(true);
+        let mut c = NbdClient { stream, size: 0, flags: 0, max_block: MAX_REQUEST_LEN, cookie: 1 };
+        c.handshake()?;
+        Ok(c)
+    }
+
+    fn handshake(&mut self) -> Result<(), Error> {
+        let mut buf = vec![0u8; 16];
+        self.read_exact(&mut buf, "the server's greeting")?;
+        let more = match crate::proto::be64(&buf[8..]) {
+            IHAVEOPT => 2,
+            OLDSTYLE_MAGIC => OLDSTYLE_HELLO_LEN - 16,
+            _ => 0,
+        };
+        buf.resize(16 + more, 0);
+        self.read_exact(&mut buf[16..], "the server's greeting")?;
+        let greeting = hs::parse_greeting(&buf)
+            .map_err(|e| remote(format!("not an NBD server: {e}")))?
+            .ok_or_else(|| remote("short greeting"))?
+            .0;
+        match greeting {
+            Greeting::Oldstyle { size, flags } => {
+                self.size = size;
+                self.flags = flags as u16;
+                Ok(())
+            }
+            Greeting::Newstyle { flags } => self.negotiate(flags),
+        }
+    }
+
+    fn negotiate(&mut self, server_flags: u16) -> Result<(), Error> {
+        let fixed = server_flags & FLAG_FIXED_NEWSTYLE != 0;
+        let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+        let mut cflags = 0u32;
+        if fixed {
+            cflags |= CLIENT_FIXED_NEWSTYLE;
+        }
+        if no_zeroes {
+            cflags |= CLIENT_NO_ZEROES;
+        }
+        let mut out = cflags.to_be_bytes().to_vec();
+        if !fixed {
+            hs::encode_option(&mut out, OptCode::ExportName as u32, b"");
+            self.write_all(&out)?;
+            let mut b = vec![0u8; if no_zeroes { 10 } else { 134 }];
+            self.read_exact(&mut b, "the export")?;
+            let ((size, flags), _) = hs::parse_export_name_reply(&b, no_zeroes)
+                .map_err(|e| remote(e.to_string()))?
+                .ok_or_else(|| remote("short export reply"))?;
+            self.size = size;
+            self.flags = flags;
+            return Ok(());
+        }
+        let mut data = Vec::new();
+        hs::encode_export_request(&mut data, b"", &[InfoType::BlockSize as u16]);
+        hs::encode_option(&mut out, OptCode::Go as u32, &data);
+        self.write_all(&out)?;
+        loop {
+            let mut h = [0u8; 20];
+            self.read_exact(&mut h, "an option reply")?;
+            let len = crate::proto::be32(&h[16..]);
+            if len > MAX_OPTION_LEN {
+                return Err(remote(format!("option reply of {len} bytes is too long")));
+            }
+            let mut b = h.to_vec();
+            b.resize(20 + len as usize, 0);
+            self.read_exact(&mut b[20..], "an option reply")?;
+            let (r, _) = hs::parse_option_reply(&b)
+                .map_err(|e| remote(format!("bad option reply: {e}")))?
+                .ok_or_else(|| remote("short option reply"))?;
+            match RepType::try_from(r.rep) {
+                Ok(RepType::Ack) => break,
+                Ok(RepType::Info) => {
+                    if let Some((size, flags)) =
+                        hs::parse_info_export(r.data).map_err(|e| remote(e.to_string()))?
+                    {
+                        self.size = size;
+                        self.flags = flags;
+                    } else if r.data.len() == 14 && crate::proto::be16(r.data) == InfoType::BlockSize as u16 {
+                        let max = crate::proto::be32(&r.data[10..]);
+                        if max > 0 {
+                            self.max_block = max.min(MAX_REQUEST_LEN);
+                        }
+                    }
+                }
+                _ if r.rep & 0x8000_0000 != 0 => {
+                    let msg = String::from_utf8_lossy(r.data);
+                    return Err(remote(format!("server refused the export (error {:#x}): {msg}", r.rep)));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if offset > MAX_OFFSET {
+            return Err(remote(format!("offset {offset} is over the limit of 2^62")));
+        }
+        if len > MAX_SIZE {
+            return Err(remote(format!("size {len} is over the limit of 2^30")));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(remote(format!(
+                "range {offset}+{len} is beyond the end of the export ({} bytes)",
+                self.size
+            ))),
+        }
+    }
+
+    /// Reads `len` bytes at `offset`, in requests no bigger than the server's maximum.
+    pub fn read(&mut self, offset: u64, len: u64, out: &mut impl Write) -> Result<(), Error> {
+        self.check_range(offset, len)?;
+        let mut done = 0u64;
+        let mut buf = Vec::new();
+        while done < len {
+            let n = (len - done).min(u64::from(self.max_block)) as u32;
+            let cookie = self.send(Cmd::Read, offset + done, n, &[])?;
+            self.expect_reply(cookie)?;
+            buf.resize(n as usize, 0);
+            self.read_exact(&mut buf, "read data")?;
+            out.write_all(&buf).map_err(io_ctx("cannot write to stdout"))?;
+            done += u64::from(n);
+        }
+        out.flush().map_err(io_ctx("cannot write to stdout"))
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_range(offset, data.len() as u64)?;
+        for (i, chunk) in data.chunks(self.max_block as usize).enumerate() {
+            let off = offset + (i as u64) * u64::from(self.max_block);
+            let cookie = self.send(Cmd::Write, off, chunk.len() as u32, chunk)?;
+            self.expect_reply(cookie)?;
+        }
+        Ok(())
+    }
+
+    pub fn disconnect(mut self) {
+        let _ = self.send(Cmd::Disc, 0, 0, &[]);
+    }
+
+    fn send(&mut self, cmd: Cmd, offset: u64, len: u32, payload: &[u8]) -> Result<u64, Error> {
+        self.cookie += 1;
+        let req = Request { flags: 0, kind: cmd as u16, cookie: self.cookie, offset, len };
+        self.write_all(&req.encode())?;
+        if !payload.is_empty() {
+            self.write_all(payload)?;
+        }
+        Ok(self.cookie)
+    }
+
+    fn expect_reply(&mut self, cookie: u64) -> Result<(), Error> {
+        let mut h = [0u8; tx::SIMPLE_REPLY_LEN];
+        self.read_exact(&mut h, "a reply")?;
+        match tx::parse_reply_header(&h).map_err(|e| remote(format!("bad reply: {e}")))? {
+            Some((ReplyHeader::Simple { error, cookie: c }, _)) if c == cookie => match error {
+                0 => Ok(()),
+                e => Err(remote(format!("server replied with error {e} ({})", errno_name(e)))),
+            },
+            Some((h, _)) => Err(remote(format!("unexpected reply {h:?}"))),
+            None => Err(remote("short reply")),
+        }
+    }
+
+    fn read_exact(&mut self, b: &mut [u8], what: &str) -> Result<(), Error> {
+        self.stream.read_exact(b).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                remote(format!("server closed the connection while we waited for {what}"))
+            }
+            _ => Error::Io { what: format!("reading {what}"), source: e },
+        })
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> Result<(), Error> {
+        self.stream.write_all(b).map_err(io_ctx("sending to the server"))
+    }
+}
+
+fn errno_name(e: u32) -> &'static str {
+    match NbdErr::try_from(e) {
+        Ok(NbdErr::Perm) => "EPERM",
+        Ok(NbdErr::Io) => "EIO",
+        Ok(NbdErr::NoMem) => "ENOMEM",
+        Ok(NbdErr::Inval) => "EINVAL",
+        Ok(NbdErr::NoSpc) => "ENOSPC",
+        Ok(NbdErr::Overflow) => "EOVERFLOW",
+        Ok(NbdErr::NotSup) => "ENOTSUP",
+        Ok(NbdErr::Shutdown) => "ESHUTDOWN",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn parse_ip(s: &str) -> Result<IpAddr, Error> {
+    s.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| Error::BadAddress(s.to_string()))
+}
+
+/// Connects over TCP, first binding to `bind` (needed when the server has an ACL).
+pub fn connect_tcp(addr: &str, port: u16, bind: Option<&str>) -> Result<TcpStream, Error> {
+    let target = SocketAddr::new(parse_ip(addr)?, port);
+    let connect_err = io_ctx(format!("cannot connect to {target}"));
+    let Some(bind) = bind else {
+        return TcpStream::connect_timeout(&target, Duration::from_secs(15)).map_err(connect_err);
+    };
+    let local = SocketAddr::new(parse_ip(bind)?, 0);
+    if local.is_ipv4() != target.is_ipv4() {
+        return Err(remote(format!("bind address {bind} and server address {addr} are different families")));
+    }
+    let (fam, sa_local, sa_len) = sockaddr(&local);
+    let (_, sa_target, _) = sockaddr(&target);
+    // SAFETY: a fresh socket we own; sockaddr buffers are sized for the family they hold.
+    unsafe {
+        let fd = libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(connect_err(io::Error::last_os_error()));
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        if libc::bind(fd, (&sa_local as *const libc::sockaddr_storage).cast(), sa_len) != 0 {
+            return Err(io_ctx(format!("cannot bind to {bind}"))(io::Error::last_os_error()));
+        }
+        if libc::connect(fd, (&sa_target as *const libc::sockaddr_storage).cast(), sa_len) != 0 {
+            return Err(connect_err(io::Error::last_os_error()));
+        }
+        Ok(stream)
+    }
+}
+
+fn sockaddr(a: &SocketAddr) -> (i32, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; we fill the variant matching the family.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            (libc::AF_INET, ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            (libc::AF_INET6, ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+/// `flexnbd read`: SIZE bytes at OFFSET to stdout.
+pub fn read_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>) -> Result<(), Error> {
+    if from > MAX_OFFSET || size > MAX_SIZE {
+        return Err(remote("offset must be at most 2^62 and size at most 2^30"));
+    }
+    let mut c = NbdClient::connect(addr, port, bind)?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    c.read(from, size, &mut out)?;
+    c.disconnect();
+    Ok(())
+}
+
+/// `flexnbd write`: exactly SIZE bytes from stdin to OFFSET. All of stdin is read first, so a
+/// short input writes nothing.
+pub fn write_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>) -> Result<(), Error> {
+    if from > MAX_OFFSET || size > MAX_SIZE {
+        return Err(remote("offset must be at most 2^62 and size at most 2^30"));
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    io::stdin().lock().take(size).read_to_end(&mut data).map_err(io_ctx("cannot read stdin"))?;
+    if (data.len() as u64) < size {
+        return Err(remote(format!("stdin ended after {} of {size} bytes; nothing written", data.len())));
+    }
+    let mut c = NbdClient::connect(addr, port, bind)?;
+    c.write(from, &data)?;
+    c.disconnect();
+    Ok(())
+}

@@ -471,7 +471,7 @@ impl Server {
         let tokens: Vec<Token> = self.conns.iter().map(|(k, _)| Token(k)).collect();
         for t in tokens {
             if let Some(Conn::Client(c)) = self.conns.get_mut(t.0) {
-                c.drain();
+                c.shut_down();
             }
             self.step(t);
         }

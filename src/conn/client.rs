@@ -109,6 +109,9 @@ pub struct ClientConn {
     pub migration_sender: bool,
     /// A FLUSH completed and no write was accepted after it.
     flushed: bool,
+    /// The server is shutting down: new requests get ESHUTDOWN, the connection closes once
+    /// nothing is in flight.
+    shutting_down: bool,
 }
 
 impl ClientConn {
@@ -133,6 +136,7 @@ impl ClientConn {
             registered: None,
             migration_sender: false,
             flushed: false,
+            shutting_down: false,
         };
         let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
         if ctx.cfg.oldstyle {
@@ -149,9 +153,12 @@ impl ClientConn {
         self.phase
     }
 
-    /// Stop taking requests; finish what is in flight, then close.
-    pub fn drain(&mut self) {
-        self.phase = Phase::Draining;
+    /// Server shutdown: answer what is in flight, refuse anything new with ESHUTDOWN, close.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+        if self.phase != Phase::Transmission {
+            self.phase = Phase::Draining;
+        }
     }
 
     pub fn has_output(&self) -> bool {
@@ -160,7 +167,7 @@ impl ClientConn {
 
     /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.
     pub fn finished(&self) -> bool {
-        self.phase == Phase::Draining && self.in_flight == 0 && self.out.is_empty()
+        (self.phase == Phase::Draining || self.shutting_down) && self.in_flight == 0 && self.out.is_empty()
     }
 
     /// Would reading now make progress (edge seen, not paused)?
@@ -484,6 +491,9 @@ impl ClientConn {
             return self.reply_error(req, NbdErr::Inval, "unknown command");
         };
         let fua = req.flags & CMD_FLAG_FUA != 0;
+        if self.shutting_down && cmd != Cmd::Disc {
+            return self.refuse(req, NbdErr::Shutdown);
+        }
         match cmd {
             Cmd::Read if req.len > MAX_REQUEST_LEN => self.reply_error(req, NbdErr::Inval, "read too long"),
             Cmd::Read if !inside => self.reply_error(req, NbdErr::Inval, "read beyond the end"),

@@ -4,11 +4,14 @@
 
 use crate::acl::Acl;
 use crate::conn::client::ClientConn;
-use crate::conn::control::{Command, ControlConn, ControlListener};
+use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
+use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
 use crate::conn::{Ctx, Next, SHARED_READ_BUF, ServeConfig};
+use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
 use crate::io_pool::{Completion, IoPool};
+use crate::remote;
 use crate::token::{self, ConnId};
 use crate::{fatal, signals};
 use log::{debug, info, warn};
@@ -44,6 +47,7 @@ pub struct ServeOptions {
 pub enum Conn {
     Client(ClientConn),
     Control(ControlConn),
+    Mirror(Box<Mirror>),
 }
 
 /// Everything but the connections, so a connection can borrow it while the slab is borrowed.
@@ -56,7 +60,12 @@ pub struct Core {
     pub sbuf: Vec<u8>,
     pub migration_done: bool,
     pub num_clients: usize,
-    pub started: Instant,
+    /// Set while a migration is running: ranges changed since they were last sent.
+    pub dirty: Option<DirtyMap>,
+    /// Migration freeze: clients are not read from.
+    pub frozen: bool,
+    pub writes_in_flight: usize,
+    generation: u64,
 }
 
 impl Core {
@@ -69,7 +78,14 @@ impl Core {
             registry: &self.registry,
             sbuf: &mut self.sbuf,
             migration_done: &mut self.migration_done,
+            frozen: self.frozen,
+            writes_in_flight: &mut self.writes_in_flight,
         }
+    }
+
+    pub fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
     }
 }
 
@@ -80,7 +96,10 @@ pub struct Server {
     signals: signals::SignalFd,
     conns: Slab<Conn>,
     core: Core,
-    generation: u64,
+    mirror: Option<Token>,
+    file: PathBuf,
+    /// Set when a handover completed and the process should exit 0.
+    handed_over: bool,
     pending: Vec<Token>,
     completions: Vec<Completion>,
     accept_paused_until: Option<Instant>,
@@ -142,9 +161,14 @@ impl Server {
                 sbuf: vec![0u8; SHARED_READ_BUF],
                 migration_done: false,
                 num_clients: 0,
-                started: Instant::now(),
+                dirty: None,
+                frozen: false,
+                writes_in_flight: 0,
+                generation: 0,
             },
-            generation: 0,
+            mirror: None,
+            file: o.file.clone(),
+            handed_over: false,
             pending: Vec::new(),
             completions: Vec::new(),
             accept_paused_until: None,
@@ -182,7 +206,11 @@ impl Server {
                 }
             }
             self.drain_completions();
+            self.mirror_tick();
             self.run_pending();
+            if self.handed_over {
+                break 0;
+            }
             if let Some(until) = self.accept_paused_until
                 && Instant::now() >= until
             {
@@ -194,15 +222,17 @@ impl Server {
                 break 0;
             }
             if let Some(deadline) = self.shutdown_deadline {
+                // A listen server stopped before its migration completed has failed.
+                let code = i32::from(self.core.cfg.listen);
                 if self.core.num_clients == 0 {
-                    break 0;
+                    break code;
                 }
                 if Instant::now() >= deadline {
                     warn!(
                         "{} clients still busy after {:?}; exiting anyway",
                         self.core.num_clients, DRAIN_TIMEOUT
                     );
-                    break 0;
+                    break code;
                 }
             }
         };
@@ -217,6 +247,12 @@ impl Server {
         let mut t: Option<Duration> = None;
         if self.shutdown_deadline.is_some() || self.accept_paused_until.is_some() {
             t = Some(ACCEPT_BACKOFF);
+        }
+        if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0))
+            && let Some(d) = m.deadline()
+        {
+            let left = d.saturating_duration_since(Instant::now());
+            t = Some(t.map_or(left, |t| t.min(left)));
         }
         t
     }
@@ -262,6 +298,10 @@ impl Server {
                     continue;
                 }
             };
+            if self.core.frozen {
+                info!("refused {peer}: migration handover in progress");
+                continue;
+            }
             if !self.core.acl.admits(peer.ip()) {
                 info!("refused {peer}: not in the access control list");
                 continue;
@@ -276,8 +316,7 @@ impl Server {
                 warn!("refused {peer}: too many connections");
                 continue;
             }
-            self.generation += 1;
-            let id = ConnId { token, generation: self.generation };
+            let id = ConnId { token, generation: self.core.next_generation() };
             let ctx = self.core.ctx();
             let mut c = ClientConn::new(id, peer, stream, &ctx);
             if let Err(e) = c.register(&self.core.registry, token) {
@@ -319,6 +358,11 @@ impl Server {
                 n
             }
             Some(Conn::Control(_)) => self.control_event(t, readable, writable),
+            Some(Conn::Mirror(m)) => {
+                let o = m.on_event(&mut self.core, readable, writable);
+                self.mirror_outcome(o);
+                Next::Continue
+            }
         };
         if next == Next::Close {
             self.close(t);
@@ -329,18 +373,25 @@ impl Server {
         let Some(Conn::Control(c)) = self.conns.get_mut(t.0) else { return Next::Close };
         let (next, cmd) = c.on_event(&self.core.registry, readable, writable);
         if let Some(cmd) = cmd {
-            let reply = self.execute(cmd);
+            let reply = self.execute(t, cmd);
             if let Some(Conn::Control(c)) = self.conns.get_mut(t.0) {
-                return c.reply(&self.core.registry, &reply);
+                return match reply {
+                    Some(reply) => c.reply(&self.core.registry, &reply),
+                    None => {
+                        c.wait();
+                        Next::Continue
+                    }
+                };
             }
         }
         next
     }
 
-    /// Runs one control command and returns the reply (code, text).
-    fn execute(&mut self, cmd: Command) -> (u32, String) {
+    /// Runs one control command; `None` means the answer comes later (to control session `from`).
+    fn execute(&mut self, from: Token, cmd: Command) -> Option<(u32, String)> {
         debug!("control command {cmd:?}");
-        match cmd {
+        let running = self.mirror.is_some();
+        Some(match cmd {
             Command::Status => (0, self.status_line()),
             Command::Acl(entries) => match Acl::parse(&entries, self.core.acl.default_deny()) {
                 Err(e) => (1, format!("bad spec: {}", e.0)),
@@ -350,23 +401,148 @@ impl Server {
                     (0, "updated".into())
                 }
             },
-            Command::Break | Command::MirrorMaxBps(_) => (1, "not mirroring".into()),
+            Command::Break | Command::MirrorMaxBps(_) | Command::MirrorWait if !running => {
+                (1, "not mirroring".into())
+            }
+            Command::Break => {
+                self.stop_mirror("1: mirror stopped");
+                (0, "mirror stopped".into())
+            }
+            Command::MirrorMaxBps(n) => {
+                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
+                    m.set_max_bps(n);
+                }
+                (0, "updated".into())
+            }
+            Command::MirrorWait => {
+                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
+                    m.waiters.push(from);
+                }
+                return None;
+            }
+            Command::Mirror { .. } if running => (1, "mirror already running".into()),
             Command::Mirror { .. } if self.core.cfg.listen => {
                 (1, "cannot mirror from a listen server".into())
             }
-            Command::Mirror { .. } => (1, "migration is not available in this build".into()),
-        }
+            Command::Mirror { addr, port, action, bind, max_bps } => {
+                let Ok(ip) = remote::parse_ip(&addr) else { return Some((1, "bad IP address".into())) };
+                let bind = match bind.as_deref().map(remote::parse_ip) {
+                    None => None,
+                    Some(Ok(b)) => Some(SocketAddr::new(b, 0)),
+                    Some(Err(_)) => return Some((1, "bad bind address".into())),
+                };
+                let spec = MirrorSpec { target: SocketAddr::new(ip, port), bind, action, max_bps };
+                let entry = self.conns.vacant_entry();
+                let token = Token(entry.key());
+                let id = ConnId { token, generation: self.core.next_generation() };
+                entry.insert(Conn::Mirror(Box::new(Mirror::new(spec, id, from))));
+                self.mirror = Some(token);
+                self.mirror_tick();
+                return None;
+            }
+        })
     }
 
     fn status_line(&self) -> String {
-        format!(
-            "pid={} size={} is_mirroring=false clients_allowed={} num_clients={} has_control={}",
+        let mut s = format!(
+            "pid={} size={} is_mirroring={} clients_allowed={} num_clients={} has_control={}",
             std::process::id(),
             self.core.export.size(),
-            self.listener.is_some() && self.core.acl.allows_any(),
+            self.mirror.is_some(),
+            self.listener.is_some() && !self.core.frozen && self.core.acl.allows_any(),
             self.core.num_clients,
             !self.core.cfg.listen,
-        )
+        );
+        if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0)) {
+            let speed = m.speed();
+            let left = m.bytes_left(&self.core);
+            let secs_left = left.checked_div(speed).unwrap_or(0);
+            s += &format!(
+                " migration_speed={speed} migration_duration={} migration_seconds_left={secs_left} migration_bytes_left={left}",
+                m.began.elapsed().as_secs()
+            );
+            if let Some(n) = m.spec.max_bps {
+                s += &format!(" migration_speed_limit={n}");
+            }
+        }
+        s
+    }
+
+    fn mirror_tick(&mut self) {
+        let Some(t) = self.mirror else { return };
+        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return };
+        let o = m.tick(&mut self.core);
+        self.mirror_outcome(o);
+    }
+
+    /// Acts on what the mirror reported.
+    fn mirror_outcome(&mut self, o: Outcome) {
+        let Some(t) = self.mirror else { return };
+        let start_waiter = |conns: &mut Slab<Conn>| match conns.get_mut(t.0) {
+            Some(Conn::Mirror(m)) => m.start_waiter.take(),
+            _ => None,
+        };
+        match o {
+            Outcome::None => {}
+            Outcome::Started => {
+                let w = start_waiter(&mut self.conns);
+                self.reply_to(w, "0: Migration started");
+            }
+            Outcome::Refused(msg) => self.stop_mirror(&format!("1: {msg}")),
+            Outcome::HandedOver => {
+                let Some(Conn::Mirror(m)) = self.conns.get(t.0) else { return };
+                let action = m.spec.action;
+                info!("migration to {} complete", m.spec.target);
+                if action == MirrorAction::Unlink
+                    && let Err(e) = std::fs::remove_file(&self.file)
+                {
+                    warn!("cannot unlink {}: {e}", self.file.display());
+                }
+                self.stop_mirror("0: migration complete");
+                if action != MirrorAction::Nothing {
+                    self.handed_over = true;
+                }
+            }
+        }
+    }
+
+    /// Ends the mirror session, thaws clients and answers everyone waiting on it.
+    fn stop_mirror(&mut self, waiter_reply: &str) {
+        let Some(t) = self.mirror.take() else { return };
+        if let Some(Conn::Mirror(mut m)) = self.conns.try_remove(t.0) {
+            m.teardown(&self.core.registry);
+            let start = m.start_waiter.take();
+            self.reply_to(start, waiter_reply);
+            for w in std::mem::take(&mut m.waiters) {
+                self.reply_to(Some(w), waiter_reply);
+            }
+        }
+        self.core.dirty = None;
+        self.thaw();
+    }
+
+    /// Lets paused clients run again after a freeze ended.
+    fn thaw(&mut self) {
+        if !self.core.frozen {
+            return;
+        }
+        self.core.frozen = false;
+        let tokens: Vec<Token> =
+            self.conns.iter().filter(|(_, c)| matches!(c, Conn::Client(_))).map(|(k, _)| Token(k)).collect();
+        for t in tokens {
+            self.step(t);
+        }
+    }
+
+    fn reply_to(&mut self, t: Option<Token>, line: &str) {
+        let Some(t) = t else { return };
+        let (code, text) = crate::conn::control::parse_reply(line).unwrap_or((1, line));
+        let reply = (code, text.to_string());
+        if let Some(Conn::Control(c)) = self.conns.get_mut(t.0)
+            && c.reply(&self.core.registry, &reply) == Next::Close
+        {
+            self.close(t);
+        }
     }
 
     /// After an ACL change, disconnects every client the new list no longer admits.
@@ -395,6 +571,11 @@ impl Server {
                 info!("{} {}: disconnected", c.id, c.peer);
             }
             Some(Conn::Control(mut c)) => c.deregister(&self.core.registry),
+            Some(Conn::Mirror(m)) => {
+                // Only stop_mirror ends the mirror; a stray close leaves it in its slot.
+                let key = self.conns.insert(Conn::Mirror(m));
+                debug_assert_eq!(key, t.0);
+            }
             None => {}
         }
     }
@@ -408,7 +589,18 @@ impl Server {
         let mut done = std::mem::take(&mut self.completions);
         for c in done.drain(..) {
             let id = c.job.conn;
+            // Counted and mirrored whoever asked, even a client that has gone since.
+            if let Some((off, len)) = c.modified_range() {
+                self.core.writes_in_flight -= 1;
+                if let Some(d) = self.core.dirty.as_mut() {
+                    d.mark(off, len);
+                }
+            }
             match self.conns.get_mut(id.token.0) {
+                Some(Conn::Mirror(m)) if m.id == id => {
+                    let o = m.complete(&mut self.core, c);
+                    self.mirror_outcome(o);
+                }
                 Some(Conn::Client(conn)) if conn.id == id => {
                     let mut ctx = self.core.ctx();
                     conn.complete(&mut ctx, c);

@@ -44,6 +44,18 @@ pub enum Op {
         len: u32,
         max: usize,
     },
+    /// Mirror read: the range's extents, with only the data extents read into `buf`.
+    ReadSparse {
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Op {
+    /// Whether this op changes the file (and so must be counted and mirrored).
+    pub fn modifies(&self) -> bool {
+        matches!(self, Op::Write { .. } | Op::Trim { .. } | Op::Zero { .. })
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +70,17 @@ pub struct Job {
 pub struct Completion {
     pub job: Job,
     pub result: io::Result<Vec<Extent>>,
+}
+
+impl Completion {
+    /// The file range a modifying job touched (even a failed one may have changed part of it).
+    pub fn modified_range(&self) -> Option<(u64, u64)> {
+        match self.job.op {
+            Op::Write { offset, .. } => Some((offset, self.job.buf.len() as u64)),
+            Op::Trim { offset, len, .. } | Op::Zero { offset, len, .. } => Some((offset, len)),
+            _ => None,
+        }
+    }
 }
 
 struct Shared {
@@ -166,6 +189,22 @@ pub fn run(e: &Export, mut job: Job) -> Completion {
         }
         Op::Cache { offset, len } => e.cache(offset, len).map(|_| Vec::new()),
         Op::Extents { offset, len, max } => e.extents(offset, len, max),
+        Op::ReadSparse { offset, len } => read_sparse(e, &mut job.buf[..len], offset),
     };
     Completion { job, result }
+}
+
+/// Reads the data extents of [offset, offset+buf.len()) into `buf`; holes are left as they are
+/// (the caller passes a zeroed buffer) and reported so they can be sent as WRITE_ZEROES.
+fn read_sparse(e: &Export, buf: &mut [u8], offset: u64) -> io::Result<Vec<Extent>> {
+    let ext = e.extents(offset, buf.len() as u32, usize::MAX)?;
+    let mut pos = 0usize;
+    for &(len, flags) in &ext {
+        let end = pos + len as usize;
+        if flags & crate::proto::STATE_HOLE == 0 {
+            e.read_at(&mut buf[pos..end], offset + pos as u64)?;
+        }
+        pos = end;
+    }
+    Ok(ext)
 }

@@ -13,11 +13,13 @@
 pub mod acl;
 pub mod cli;
 pub mod conn;
+pub mod dirty;
 pub mod error;
 pub mod event_loop;
 pub mod export;
 pub mod io_pool;
 pub mod log;
+pub mod net;
 pub mod proto;
 pub mod remote;
 pub mod signals;

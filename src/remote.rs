@@ -8,7 +8,6 @@ use crate::proto::transmission::{self as tx, ReplyHeader, Request};
 use crate::proto::*;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::unix::io::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -276,56 +275,8 @@ pub fn connect_tcp(addr: &str, port: u16, bind: Option<&str>) -> Result<TcpStrea
         return TcpStream::connect_timeout(&target, Duration::from_secs(15)).map_err(connect_err);
     };
     let local = SocketAddr::new(parse_ip(bind)?, 0);
-    if local.is_ipv4() != target.is_ipv4() {
-        return Err(remote(format!("bind address {bind} and server address {addr} are different families")));
-    }
-    let (fam, sa_local, sa_len) = sockaddr(&local);
-    let (_, sa_target, _) = sockaddr(&target);
-    // SAFETY: a fresh socket we own; sockaddr buffers are sized for the family they hold.
-    unsafe {
-        let fd = libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(connect_err(io::Error::last_os_error()));
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        if libc::bind(fd, (&sa_local as *const libc::sockaddr_storage).cast(), sa_len) != 0 {
-            return Err(io_ctx(format!("cannot bind to {bind}"))(io::Error::last_os_error()));
-        }
-        if libc::connect(fd, (&sa_target as *const libc::sockaddr_storage).cast(), sa_len) != 0 {
-            return Err(connect_err(io::Error::last_os_error()));
-        }
-        Ok(stream)
-    }
-}
-
-fn sockaddr(a: &SocketAddr) -> (i32, libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; we fill the variant matching the family.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            (libc::AF_INET, ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            (libc::AF_INET6, ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
+    crate::net::connect(target, Some(local), false)
+        .map_err(io_ctx(format!("cannot connect to {target} from {bind}")))
 }
 
 /// `flexnbd read`: SIZE bytes at OFFSET to stdout.

@@ -177,6 +177,7 @@ impl ClientConn {
 
     fn paused(&self, ctx: &Ctx) -> bool {
         self.phase == Phase::Draining
+            || ctx.frozen
             || self.in_flight_bytes + self.out_bytes >= ctx.cfg.max_in_flight_bytes
             || self.in_flight >= ctx.cfg.max_in_flight_reqs
     }
@@ -594,6 +595,9 @@ impl ClientConn {
     }
 
     fn submit(&mut self, ctx: &mut Ctx, req: Request, op: Op, buf: Vec<u8>) {
+        if op.modifies() {
+            *ctx.writes_in_flight += 1;
+        }
         self.in_flight += 1;
         self.in_flight_bytes += buf.len();
         ctx.pool.submit(Job { conn: self.id, cookie: req.cookie, op, buf });

@@ -29,8 +29,16 @@ pub enum Command {
     Status,
     Acl(Vec<String>),
     Break,
-    Mirror { addr: String, port: u16, action: MirrorAction, bind: Option<String>, max_bps: Option<u64> },
+    Mirror {
+        addr: String,
+        port: u16,
+        action: MirrorAction,
+        bind: Option<String>,
+        max_bps: Option<u64>,
+    },
     MirrorMaxBps(u64),
+    /// Ours: reply only when the running migration ends (used by `mirror --wait`).
+    MirrorWait,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +114,7 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
     match cmd.as_str() {
         "status" => Ok(Command::Status),
         "break" => Ok(Command::Break),
+        "mirror_wait" => Ok(Command::MirrorWait),
         "acl" => Ok(Command::Acl(args.to_vec())),
         "mirror_max_bps" => match args {
             [n] => n.parse().map(Command::MirrorMaxBps).map_err(|_| bad("bad speed limit")),
@@ -225,6 +234,8 @@ impl ControlListener {
 
 enum State {
     Reading,
+    /// The command's answer comes later (mirror start, mirror_wait).
+    Waiting,
     Replying,
 }
 
@@ -263,6 +274,7 @@ impl ControlConn {
     pub fn on_event(&mut self, r: &Registry, readable: bool, _writable: bool) -> (Next, Option<Command>) {
         match self.state {
             State::Replying => (self.write_out(r), None),
+            State::Waiting => (self.check_alive(), None),
             State::Reading if !readable => (Next::Continue, None),
             State::Reading => self.read_request(r),
         }
@@ -295,6 +307,24 @@ impl ControlConn {
                     info!("control request refused: {e}");
                     return (self.reply(r, &(1, e.to_string())), None);
                 }
+            }
+        }
+    }
+
+    /// The reactor will answer later; meanwhile only notice the client going away.
+    pub fn wait(&mut self) {
+        self.state = State::Waiting;
+    }
+
+    fn check_alive(&mut self) -> Next {
+        let mut b = [0u8; 256];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return Next::Close,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Continue,
+                Err(_) => return Next::Close,
             }
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod control;
+pub mod mirror;
 
 use crate::acl::Acl;
 use crate::export::Export;
@@ -34,6 +35,10 @@ pub struct Ctx<'a> {
     pub sbuf: &'a mut Vec<u8>,
     /// Set by a connection that declared itself a migration sender and completed cleanly.
     pub migration_done: &'a mut bool,
+    /// Migration freeze: no client request is read until the handover or a failure.
+    pub frozen: bool,
+    /// Client write-type jobs (WRITE, TRIM, WRITE_ZEROES) submitted and not yet completed.
+    pub writes_in_flight: &'a mut usize,
 }
 
 /// What a handler tells its owner to do next.

@@ -1,0 +1,613 @@
+//! Outbound migration: the source's NBD client session towards the destination, on the reactor.
+//!
+//! | state       | event                                   | next                           |
+//! |-------------|-----------------------------------------|--------------------------------|
+//! | Connecting  | connected                               | Hello                          |
+//! | Hello       | oldstyle hello, sizes match             | Copying (reply "started")      |
+//! | Hello       | newstyle greeting                       | Negotiating (MIGRATE + GO)     |
+//! | Negotiating | GO acknowledged, sizes match            | Copying (reply "started")      |
+//! | Copying     | pass done, remainder small or stuck     | Frozen (clients paused)        |
+//! | Copying     | pass done, remainder large              | Copying (next pass over dirty) |
+//! | Frozen      | no client write in flight               | Final (last dirty pass)        |
+//! | Final       | everything acknowledged                 | Flushing (FLUSH sent)          |
+//! | Flushing    | FLUSH acknowledged                      | Closing (DISC sent)            |
+//! | Closing     | DISC written                            | handed over                    |
+//! | any         | failure before the first hello          | refused (reported, no retry)   |
+//! | any         | failure after a hello                   | Backoff -> Connecting          |
+//!
+//! Every client write marks the dirty map when it completes (before it is acknowledged), so an
+//! acknowledged write is either in data a pass read afterwards or still dirty; the freeze waits
+//! for in-flight writes, and the handover happens only after the final pass is flushed.
+
+use crate::conn::control::MirrorAction;
+use crate::dirty::DirtyMap;
+use crate::event_loop::Core;
+use crate::io_pool::{Completion, Job, Op};
+use crate::proto::handshake::{self as hs, Greeting, ParseError};
+use crate::proto::transmission::{self as tx, ReplyHeader, Request};
+use crate::proto::*;
+use crate::token::ConnId;
+use log::{info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Largest WRITE the sweep sends.
+pub const CHUNK: u64 = 8 * 1024 * 1024;
+/// Bytes being read or awaiting acknowledgement at once.
+const MAX_IN_FLIGHT: u64 = 4 * CHUNK;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Passes after which we freeze even if the remainder keeps growing.
+const MAX_PASSES: u32 = 8;
+
+#[derive(Debug, Clone)]
+pub struct MirrorSpec {
+    pub target: SocketAddr,
+    pub bind: Option<SocketAddr>,
+    pub action: MirrorAction,
+    pub max_bps: Option<u64>,
+}
+
+/// What the reactor must do after a mirror event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    None,
+    /// First valid hello from the destination: tell the `mirror` client.
+    Started,
+    /// Failed before any hello: report and give up (the original's texts).
+    Refused(&'static str),
+    /// All data is on the destination, flushed, and the connection closed cleanly.
+    HandedOver,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Hello,
+    Negotiating,
+    Copying,
+    Frozen,
+    Final,
+    Flushing,
+    Closing,
+    Backoff,
+}
+
+pub struct Mirror {
+    pub spec: MirrorSpec,
+    pub id: ConnId,
+    state: State,
+    deadline: Option<Instant>,
+    stream: Option<TcpStream>,
+    registered: Option<Interest>,
+    rbuf: Vec<u8>,
+    out: VecDeque<Vec<u8>>,
+    out_pos: usize,
+    write_blocked: bool,
+    /// A destination has answered with a valid hello at least once: failures now retry.
+    started: bool,
+    pass: u32,
+    cursor: u64,
+    pass_map: Option<DirtyMap>,
+    reads: usize,
+    read_bytes: u64,
+    inflight: HashMap<u64, u64>,
+    inflight_bytes: u64,
+    next_cookie: u64,
+    flush_cookie: Option<u64>,
+    last_pass_dirty: u64,
+    last_reply: Instant,
+    attempt_started: Instant,
+    attempt_bytes: u64,
+    freeze_started: Option<Instant>,
+    pub began: Instant,
+    pub bytes_sent: u64,
+    pub waiters: Vec<Token>,
+    pub start_waiter: Option<Token>,
+    request_limit: Duration,
+}
+
+impl Mirror {
+    pub fn new(spec: MirrorSpec, id: ConnId, start_waiter: Token) -> Mirror {
+        let now = Instant::now();
+        let limit =
+            std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+        Mirror {
+            spec,
+            id,
+            state: State::Backoff,
+            deadline: Some(now),
+            stream: None,
+            registered: None,
+            rbuf: Vec::new(),
+            out: VecDeque::new(),
+            out_pos: 0,
+            write_blocked: false,
+            started: false,
+            pass: 0,
+            cursor: 0,
+            pass_map: None,
+            reads: 0,
+            read_bytes: 0,
+            inflight: HashMap::new(),
+            inflight_bytes: 0,
+            next_cookie: 1,
+            flush_cookie: None,
+            last_pass_dirty: u64::MAX,
+            last_reply: now,
+            attempt_started: now,
+            attempt_bytes: 0,
+            freeze_started: None,
+            began: now,
+            bytes_sent: 0,
+            waiters: Vec::new(),
+            start_waiter: Some(start_waiter),
+            request_limit: Duration::from_secs(limit),
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        let throttle = self.throttle_until();
+        match (self.deadline, throttle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Bytes still to send: the rest of this pass plus everything dirtied since.
+    pub fn bytes_left(&self, core: &Core) -> u64 {
+        let pass_left = if self.pass == 0 {
+            core.export.size().saturating_sub(self.cursor)
+        } else {
+            self.pass_map.as_ref().map_or(0, DirtyMap::dirty_bytes)
+        };
+        pass_left
+            + self.read_bytes
+            + self.inflight_bytes
+            + core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes)
+    }
+
+    /// Average speed of the current attempt, bytes per second.
+    pub fn speed(&self) -> u64 {
+        let secs = self.attempt_started.elapsed().as_secs_f64();
+        if secs > 0.0 { (self.attempt_bytes as f64 / secs) as u64 } else { 0 }
+    }
+
+    pub fn set_max_bps(&mut self, n: u64) {
+        self.spec.max_bps = if n == 0 { None } else { Some(n) };
+    }
+
+    /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
+    pub fn teardown(&mut self, r: &Registry) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = r.deregister(&mut s);
+        }
+        self.registered = None;
+    }
+
+    // ------------------------------------------------------------------------------------------
+
+    fn connect(&mut self, core: &mut Core) -> Outcome {
+        self.id.generation = core.next_generation();
+        self.rbuf.clear();
+        self.out.clear();
+        self.out_pos = 0;
+        self.write_blocked = false;
+        let mut s = match crate::net::connect(self.spec.target, self.spec.bind, true) {
+            Ok(s) => TcpStream::from_std(s),
+            Err(e) => return self.fail(core, "Mirror failed to connect", &format!("connect: {e}")),
+        };
+        let _ = s.set_nodelay(true);
+        if let Err(e) = core.registry.register(&mut s, self.id.token, Interest::READABLE | Interest::WRITABLE)
+        {
+            return self.fail(core, "Mirror failed to connect", &format!("register: {e}"));
+        }
+        self.registered = Some(Interest::READABLE | Interest::WRITABLE);
+        self.stream = Some(s);
+        self.state = State::Connecting;
+        self.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
+        info!("mirror {}: connecting to {}", self.id, self.spec.target);
+        Outcome::None
+    }
+
+    /// Timers: connect/hello deadlines, request time limit, retry back-off, throttle.
+    pub fn tick(&mut self, core: &mut Core) -> Outcome {
+        let now = Instant::now();
+        if let Some(d) = self.deadline
+            && now >= d
+        {
+            self.deadline = None;
+            return match self.state {
+                State::Backoff => self.connect(core),
+                State::Connecting => self.fail(core, "Mirror failed to connect", "connect timed out"),
+                _ => self.fail(core, "Remote server failed to respond", "no hello in time"),
+            };
+        }
+        if !self.inflight.is_empty() && now.duration_since(self.last_reply) > self.request_limit {
+            return self.fail(core, "Remote server failed to respond", "request unanswered for too long");
+        }
+        self.pump(core)
+    }
+
+    pub fn on_event(&mut self, core: &mut Core, readable: bool, writable: bool) -> Outcome {
+        if self.state == State::Connecting && (writable || readable) {
+            let Some(s) = self.stream.as_ref() else { return Outcome::None };
+            match s.take_error() {
+                Ok(Some(e)) | Err(e) => return self.fail(core, "Mirror failed to connect", &e.to_string()),
+                Ok(None) => {}
+            }
+            match s.peer_addr() {
+                Ok(_) => {
+                    self.state = State::Hello;
+                    self.deadline = Some(Instant::now() + HELLO_TIMEOUT);
+                    crate::event_loop::set_keepalive(std::os::unix::io::AsRawFd::as_raw_fd(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Outcome::None,
+                Err(e) => return self.fail(core, "Mirror failed to connect", &e.to_string()),
+            }
+        }
+        if writable {
+            self.write_blocked = false;
+        }
+        let r = self.read_input(core);
+        if r != Outcome::None {
+            return r;
+        }
+        self.after_io(core)
+    }
+
+    fn after_io(&mut self, core: &mut Core) -> Outcome {
+        if let Err(e) = self.write_out() {
+            return self.fail(core, "Mirror failed to connect", &format!("send: {e}"));
+        }
+        if self.state == State::Closing && self.out.is_empty() {
+            if let Some(s) = self.stream.as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            self.teardown(&core.registry);
+            if let Some(f) = self.freeze_started {
+                info!("mirror {}: handed over; clients were held for {:?}", self.id, f.elapsed());
+            }
+            return Outcome::HandedOver;
+        }
+        let want = if self.write_blocked || self.state == State::Connecting {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if let Some(s) = self.stream.as_mut()
+            && self.registered != Some(want)
+        {
+            if let Err(e) = core.registry.reregister(s, self.id.token, want) {
+                return self.fail(core, "Mirror failed to connect", &e.to_string());
+            }
+            self.registered = Some(want);
+        }
+        Outcome::None
+    }
+
+    fn read_input(&mut self, core: &mut Core) -> Outcome {
+        if matches!(self.state, State::Connecting | State::Backoff) {
+            return Outcome::None;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let Some(s) = self.stream.as_mut() else { return Outcome::None };
+            match s.read(&mut chunk) {
+                Ok(0) => {
+                    let why = if self.state == State::Hello {
+                        "Mirror was rejected"
+                    } else {
+                        "Mirror failed to connect"
+                    };
+                    return self.fail(core, why, "destination closed the connection");
+                }
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let why = if self.state == State::Hello {
+                        "Mirror was rejected"
+                    } else {
+                        "Mirror failed to connect"
+                    };
+                    return self.fail(core, why, &e.to_string());
+                }
+            }
+        }
+        match self.parse(core) {
+            Ok(o) => o,
+            Err(e) => self.fail(core, "Remote server failed to respond", &format!("protocol error: {e}")),
+        }
+    }
+
+    fn parse(&mut self, core: &mut Core) -> Result<Outcome, ParseError> {
+        let mut pos = 0;
+        let mut outcome = Outcome::None;
+        loop {
+            let rest = &self.rbuf[pos..];
+            match self.state {
+                State::Hello => {
+                    let Some((g, used)) = hs::parse_greeting(rest)? else { break };
+                    pos += used;
+                    match g {
+                        Greeting::Oldstyle { size, .. } => outcome = self.begin_copy(core, size),
+                        Greeting::Newstyle { flags } => self.negotiate(flags),
+                    }
+                }
+                State::Negotiating => {
+                    let Some((r, used)) = hs::parse_option_reply(rest)? else { break };
+                    let (opt, rep) = (r.opt, r.rep);
+                    let info =
+                        if rep == RepType::Info as u32 { hs::parse_info_export(r.data)? } else { None };
+                    pos += used;
+                    if opt == OptCode::Go as u32 {
+                        if let Some((size, _)) = info {
+                            self.cursor = size; // remembered until ACK; reset in begin_copy
+                        } else if rep == RepType::Ack as u32 {
+                            outcome = self.begin_copy(core, self.cursor);
+                        } else if rep & 0x8000_0000 != 0 {
+                            return Err(ParseError::Malformed("destination refused the export"));
+                        }
+                    }
+                    // Replies to our migration option: ACK from a flexnbd listener, an error
+                    // from other servers, which we can still copy to.
+                }
+                State::Copying | State::Frozen | State::Final | State::Flushing => {
+                    let Some((h, used)) = tx::parse_reply_header(rest)? else { break };
+                    let ReplyHeader::Simple { error, cookie } = h else {
+                        return Err(ParseError::Malformed("structured reply we did not ask for"));
+                    };
+                    pos += used;
+                    self.last_reply = Instant::now();
+                    if error != 0 {
+                        return Err(ParseError::Malformed("destination replied with an error"));
+                    }
+                    if self.flush_cookie == Some(cookie) {
+                        self.flush_cookie = None;
+                        let disc = Request { flags: 0, kind: Cmd::Disc as u16, cookie: 0, offset: 0, len: 0 };
+                        self.out.push_back(disc.encode().to_vec());
+                        self.state = State::Closing;
+                        break;
+                    }
+                    let Some(len) = self.inflight.remove(&cookie) else {
+                        return Err(ParseError::Malformed("reply to a request we did not send"));
+                    };
+                    self.inflight_bytes -= len;
+                    self.bytes_sent += len;
+                    self.attempt_bytes += len;
+                }
+                State::Connecting | State::Backoff | State::Closing => break,
+            }
+            if outcome != Outcome::None {
+                break;
+            }
+        }
+        self.rbuf.drain(..pos);
+        if outcome == Outcome::None {
+            outcome = self.pump(core);
+        }
+        Ok(outcome)
+    }
+
+    fn negotiate(&mut self, server_flags: u16) {
+        let mut cflags = CLIENT_FIXED_NEWSTYLE;
+        if server_flags & FLAG_NO_ZEROES != 0 {
+            cflags |= CLIENT_NO_ZEROES;
+        }
+        let mut b = cflags.to_be_bytes().to_vec();
+        hs::encode_option(&mut b, OptCode::FlexnbdMigrate as u32, &[]);
+        let mut go = Vec::new();
+        hs::encode_export_request(&mut go, b"", &[]);
+        hs::encode_option(&mut b, OptCode::Go as u32, &go);
+        self.out.push_back(b);
+        self.cursor = 0;
+        self.state = State::Negotiating;
+    }
+
+    fn begin_copy(&mut self, core: &mut Core, remote_size: u64) -> Outcome {
+        let size = core.export.size();
+        if remote_size != size {
+            warn!("mirror {}: destination size {remote_size} differs from ours ({size})", self.id);
+            self.started = false;
+            return self.fail(core, "Remote size does not match local size", "size mismatch");
+        }
+        self.deadline = None;
+        self.state = State::Copying;
+        self.pass = 0;
+        self.cursor = 0;
+        self.pass_map = None;
+        self.last_pass_dirty = u64::MAX;
+        self.attempt_started = Instant::now();
+        self.attempt_bytes = 0;
+        self.last_reply = Instant::now();
+        // Everything is sent by the sweep; only what changes from now on needs a later pass.
+        core.dirty = Some(DirtyMap::new(size));
+        info!("mirror {}: copying {size} bytes to {}", self.id, self.spec.target);
+        let first = !self.started;
+        self.started = true;
+        if first { Outcome::Started } else { Outcome::None }
+    }
+
+    fn throttle_until(&self) -> Option<Instant> {
+        let bps = self.spec.max_bps?;
+        if !matches!(self.state, State::Copying) {
+            return None;
+        }
+        let sent = self.attempt_bytes + self.inflight_bytes + self.read_bytes;
+        let due = self.attempt_started + Duration::from_secs_f64(sent as f64 / bps as f64);
+        (due > Instant::now()).then_some(due)
+    }
+
+    /// Starts reads for the current pass while the window allows; moves between passes.
+    fn pump(&mut self, core: &mut Core) -> Outcome {
+        loop {
+            if !matches!(self.state, State::Copying | State::Final | State::Frozen) {
+                return Outcome::None;
+            }
+            if self.state == State::Frozen {
+                if core.writes_in_flight > 0 {
+                    return Outcome::None;
+                }
+                self.state = State::Final;
+                self.next_pass(core);
+            }
+            while self.inflight_bytes + self.read_bytes < MAX_IN_FLIGHT && self.throttle_until().is_none() {
+                let next = if self.pass == 0 {
+                    let size = core.export.size();
+                    (self.cursor < size).then(|| {
+                        let r = (self.cursor, CHUNK.min(size - self.cursor));
+                        self.cursor += r.1;
+                        r
+                    })
+                } else {
+                    self.pass_map.as_mut().and_then(|m| m.take(CHUNK))
+                };
+                let Some((offset, len)) = next else { break };
+                self.reads += 1;
+                self.read_bytes += len;
+                let op = Op::ReadSparse { offset, len: len as usize };
+                core.pool.submit(Job { conn: self.id, cookie: offset, op, buf: vec![0u8; len as usize] });
+            }
+            let pass_left = if self.pass == 0 {
+                self.cursor < core.export.size()
+            } else {
+                self.pass_map.as_ref().is_some_and(|m| !m.is_empty())
+            };
+            if pass_left || self.reads > 0 || !self.inflight.is_empty() {
+                return Outcome::None;
+            }
+            if self.state == State::Final {
+                let cookie = self.cookie();
+                let flush = Request { flags: 0, kind: Cmd::Flush as u16, cookie, offset: 0, len: 0 };
+                self.out.push_back(flush.encode().to_vec());
+                self.flush_cookie = Some(cookie);
+                self.state = State::Flushing;
+                return self.after_io(core);
+            }
+            let dirty = core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes);
+            let stuck = self.pass >= 2 && dirty >= self.last_pass_dirty;
+            if dirty as f64 <= self.speed() as f64 || self.pass >= MAX_PASSES || stuck {
+                info!("mirror {}: pass {} done, {dirty} bytes dirty: freezing clients", self.id, self.pass);
+                core.frozen = true;
+                self.freeze_started = Some(Instant::now());
+                self.state = State::Frozen;
+                continue;
+            }
+            self.last_pass_dirty = dirty;
+            self.next_pass(core);
+        }
+    }
+
+    fn next_pass(&mut self, core: &mut Core) {
+        self.pass += 1;
+        let size = core.export.size();
+        self.pass_map = core.dirty.replace(DirtyMap::new(size));
+    }
+
+    fn cookie(&mut self) -> u64 {
+        self.next_cookie += 1;
+        self.next_cookie
+    }
+
+    /// A sparse read finished: send its holes as WRITE_ZEROES and its data as WRITEs.
+    pub fn complete(&mut self, core: &mut Core, c: Completion) -> Outcome {
+        let Completion { job, result } = c;
+        let Op::ReadSparse { offset, len } = job.op else { return Outcome::None };
+        self.reads -= 1;
+        self.read_bytes -= len as u64;
+        let extents = match result {
+            Ok(e) => e,
+            Err(e) => {
+                return self.fail(core, "Mirror failed to connect", &format!("reading the source: {e}"));
+            }
+        };
+        let mut pos = 0usize;
+        for (elen, flags) in extents {
+            let elen = elen as usize;
+            let off = offset + pos as u64;
+            let cookie = self.cookie();
+            let hole = flags & STATE_HOLE != 0 || crate::export::is_zero(&job.buf[pos..pos + elen]);
+            let kind = if hole { Cmd::WriteZeroes } else { Cmd::Write };
+            let req = Request { flags: 0, kind: kind as u16, cookie, offset: off, len: elen as u32 };
+            let mut b = Vec::with_capacity(tx::REQUEST_LEN + if hole { 0 } else { elen });
+            b.extend_from_slice(&req.encode());
+            if !hole {
+                b.extend_from_slice(&job.buf[pos..pos + elen]);
+            }
+            self.out.push_back(b);
+            self.inflight.insert(cookie, elen as u64);
+            self.inflight_bytes += elen as u64;
+            pos += elen;
+        }
+        let o = self.after_io(core);
+        if o != Outcome::None {
+            return o;
+        }
+        self.pump(core)
+    }
+
+    /// Before the first hello: give up with the original's message. After: retry from scratch.
+    fn fail(&mut self, core: &mut Core, first_msg: &'static str, detail: &str) -> Outcome {
+        self.teardown(&core.registry);
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+        // Reads still in the pool carry the old generation and will be dropped.
+        self.reads = 0;
+        self.read_bytes = 0;
+        self.flush_cookie = None;
+        self.pass_map = None;
+        core.frozen = false;
+        self.freeze_started = None;
+        if !self.started {
+            warn!("mirror {}: {first_msg} ({detail})", self.id);
+            return Outcome::Refused(first_msg);
+        }
+        warn!("mirror {}: attempt failed ({detail}); retrying in {RETRY_DELAY:?}", self.id);
+        // The next attempt re-sends everything; writes from now on are caught by its sweep.
+        core.dirty = None;
+        self.state = State::Backoff;
+        self.deadline = Some(Instant::now() + RETRY_DELAY);
+        Outcome::None
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        let Some(s) = self.stream.as_mut() else { return Ok(()) };
+        if self.state == State::Connecting {
+            return Ok(());
+        }
+        while !self.out.is_empty() && !self.write_blocked {
+            let mut iov: [IoSlice; 16] = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for (i, b) in self.out.iter().take(16).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &b[self.out_pos..] } else { b });
+                n += 1;
+            }
+            match s.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut k) => {
+                    while k > 0 {
+                        let front = self.out.front().map_or(0, |b| b.len() - self.out_pos);
+                        if k >= front {
+                            k -= front;
+                            self.out.pop_front();
+                            self.out_pos = 0;
+                        } else {
+                            self.out_pos += k;
+                            k = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -424,7 +424,7 @@ impl Server {
             Command::Mirror { .. } if self.core.cfg.listen => {
                 (1, "cannot mirror from a listen server".into())
             }
-            Command::Mirror { addr, port, action, bind, max_bps } => {
+            Command::Mirror { addr, port, action, bind, max_bps, wait } => {
                 let Ok(ip) = remote::parse_ip(&addr) else { return Some((1, "bad IP address".into())) };
                 let bind = match bind.as_deref().map(remote::parse_ip) {
                     None => None,
@@ -435,7 +435,9 @@ impl Server {
                 let entry = self.conns.vacant_entry();
                 let token = Token(entry.key());
                 let id = ConnId { token, generation: self.core.next_generation() };
-                entry.insert(Conn::Mirror(Box::new(Mirror::new(spec, id, from))));
+                let mut m = Mirror::new(spec, id, from);
+                m.wait_after_start = wait;
+                entry.insert(Conn::Mirror(Box::new(m)));
                 self.mirror = Some(token);
                 self.mirror_tick();
                 return None;
@@ -486,7 +488,21 @@ impl Server {
             Outcome::None => {}
             Outcome::Started => {
                 let w = start_waiter(&mut self.conns);
-                self.reply_to(w, "0: Migration started");
+                let keep = match self.conns.get_mut(t.0) {
+                    Some(Conn::Mirror(m)) if m.wait_after_start => {
+                        m.waiters.extend(w);
+                        true
+                    }
+                    _ => false,
+                };
+                match (keep, w.and_then(|w| self.conns.get_mut(w.0))) {
+                    (true, Some(Conn::Control(c))) => {
+                        if c.interim(&self.core.registry, &(0, "Migration started".into())) == Next::Close {
+                            self.close(w.unwrap_or(t));
+                        }
+                    }
+                    _ => self.reply_to(w, "0: Migration started"),
+                }
             }
             Outcome::Refused(msg) => self.stop_mirror(&format!("1: {msg}")),
             Outcome::HandedOver => {

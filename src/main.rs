@@ -52,21 +52,19 @@ fn run(cli: Cli) -> Result<i32, Error> {
         }
         Command::Mirror(a) => {
             flog::init(verbosity(&a.log));
-            let mut args = vec![
-                a.addr.clone(),
-                a.port.to_string(),
-                if a.unlink { "unlink" } else { "exit" }.to_string(),
-            ];
-            if a.bind.is_some() || a.max_bps.is_some() {
-                // The request is positional: with a speed limit but no bind address, bind to
-                // the unspecified address, which is what not binding means.
+            let action = if a.unlink { "unlink" } else { "exit" };
+            let mut args = vec![a.addr.clone(), a.port.to_string(), action.to_string()];
+            if a.bind.is_some() || a.max_bps.is_some() || a.wait {
+                // The request is positional: with no bind address, bind to the unspecified
+                // address (what not binding means) and send 0 for "no speed limit".
                 let unspecified = if a.addr.contains(':') { "::" } else { "0.0.0.0" };
                 args.push(a.bind.clone().unwrap_or_else(|| unspecified.to_string()));
+                args.push(a.max_bps.unwrap_or(0).to_string());
             }
-            if let Some(n) = a.max_bps {
-                args.push(n.to_string());
+            if a.wait {
+                args.push("wait".to_string());
             }
-            Ok(remote::print_reply(remote::control(&a.sock, "mirror", &args)?))
+            remote::mirror_cmd(&a.sock, &args, a.wait)
         }
         Command::Read(a) => {
             flog::init(verbosity(&a.log));

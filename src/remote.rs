@@ -308,3 +308,87 @@ pub fn write_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>
     c.disconnect();
     Ok(())
 }
+
+/// `flexnbd mirror`: asks the server to migrate; with `wait`, stays until the migration ends,
+/// showing progress, and exits 0 only if the handover completed.
+pub fn mirror_cmd(sock: &Path, args: &[String], wait: bool) -> Result<i32, Error> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(sock)
+        .map_err(io_ctx(format!("cannot connect to control socket {}", sock.display())))?;
+    s.write_all(&encode_request("mirror", args)).map_err(io_ctx("cannot send control request"))?;
+    // The first answer comes once the destination's hello arrived (bounded by the server's
+    // own connect and hello timeouts).
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("control socket"))?;
+    let mut r = io::BufReader::new(s.try_clone().map_err(io_ctx("control socket"))?);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(io_ctx("cannot read control reply"))?;
+    let (code, text) =
+        parse_reply(&line).ok_or_else(|| remote(format!("unexpected reply from server: {line:?}")))?;
+    if code != 0 || !wait {
+        return Ok(print_reply((code, text.to_string())));
+    }
+    println!("{text}");
+    let tty = unsafe { libc::isatty(1) } == 1;
+    let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    s.set_read_timeout(Some(every)).map_err(io_ctx("control socket"))?;
+    let mut line = String::new();
+    loop {
+        match r.read_line(&mut line) {
+            Ok(0) => {
+                if tty {
+                    println!();
+                }
+                return Err(remote("the source server went away before the migration finished"));
+            }
+            Ok(_) if line.ends_with('\n') => {
+                if tty {
+                    println!();
+                }
+                let (code, text) = parse_reply(&line)
+                    .ok_or_else(|| remote(format!("unexpected reply from server: {line:?}")))?;
+                return Ok(print_reply((code, text.to_string())));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if let Ok((0, status)) = control(sock, "status", &[]) {
+                    let p = progress_line(&status);
+                    if tty {
+                        print!("\r{p}\x1b[K");
+                    } else {
+                        println!("{p}");
+                    }
+                    let _ = io::stdout().flush();
+                }
+            }
+            Err(e) => return Err(io_ctx("reading from the control socket")(e)),
+        }
+    }
+}
+
+/// "42.0% 1048576 bytes left at 5242880 B/s, ETA 1 s" from a status line.
+pub fn progress_line(status: &str) -> String {
+    let get = |k: &str| {
+        status
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let size = get("size");
+    let left = get("migration_bytes_left").min(size);
+    let pct = if size > 0 { 100.0 * (size - left) as f64 / size as f64 } else { 100.0 };
+    format!(
+        "{pct:.1}% {left} bytes left at {} B/s, ETA {} s",
+        get("migration_speed"),
+        get("migration_seconds_left")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_from_status() {
+        let s = "pid=1 size=1000 is_mirroring=true clients_allowed=true num_clients=0 has_control=true \
+                 migration_speed=100 migration_duration=2 migration_seconds_left=3 migration_bytes_left=250";
+        assert_eq!(super::progress_line(s), "75.0% 250 bytes left at 100 B/s, ETA 3 s");
+    }
+}

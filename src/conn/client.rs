@@ -109,6 +109,10 @@ pub struct ClientConn {
     pub migration_sender: bool,
     /// A FLUSH completed and no write was accepted after it.
     flushed: bool,
+    /// Some write-type request was accepted on this connection.
+    wrote: bool,
+    /// NBD_CMD_DISC arrived: a clean disconnect once in-flight requests are answered.
+    disc: bool,
     /// The server is shutting down: new requests get ESHUTDOWN, the connection closes once
     /// nothing is in flight.
     shutting_down: bool,
@@ -136,12 +140,17 @@ impl ClientConn {
             registered: None,
             migration_sender: false,
             flushed: false,
+            wrote: false,
+            disc: false,
             shutting_down: false,
         };
         let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
         if ctx.cfg.oldstyle {
             hs::encode_oldstyle_hello(&mut hello, ctx.export.size(), u32::from(transmission_flags(ctx)));
             c.phase = Phase::Transmission;
+            // An original flexnbd sender cannot declare itself; on an oldstyle listener every
+            // client that writes and then disconnects cleanly is taken for one.
+            c.migration_sender = ctx.cfg.listen;
         } else {
             hs::encode_newstyle_greeting(&mut hello, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         }
@@ -232,6 +241,11 @@ impl ClientConn {
             return self.fail(Fatal::Io(e));
         }
         if self.finished() {
+            // The migration is complete only when its sender's data is all answered, flushed
+            // (or, for an original oldstyle sender, written) and it said goodbye.
+            if self.disc && self.migration_sender && (self.flushed || (ctx.cfg.oldstyle && self.wrote)) {
+                *ctx.migration_done = true;
+            }
             return Next::Close;
         }
         if let Err(e) = self.update_interest(ctx.registry) {
@@ -504,6 +518,7 @@ impl ClientConn {
             Cmd::Write if !inside => self.refuse(req, NbdErr::NoSpc),
             Cmd::Write => {
                 self.flushed = false;
+                self.wrote = true;
                 self.in_flight += 1;
                 self.in_flight_bytes += req.len as usize;
                 self.incoming = Incoming::Payload { req, buf: vec![0u8; req.len as usize], filled: 0 };
@@ -513,9 +528,7 @@ impl ClientConn {
             }
             Cmd::Disc => {
                 info!("{} {}: disconnect requested", self.id, self.peer);
-                if self.migration_sender && self.flushed && self.in_flight == 0 {
-                    *ctx.migration_done = true;
-                }
+                self.disc = true;
                 self.phase = Phase::Draining;
             }
             Cmd::Flush => self.submit(ctx, req, Op::Flush, Vec::new()),
@@ -523,12 +536,14 @@ impl ClientConn {
             Cmd::Trim if !inside => self.reply_error(req, NbdErr::Inval, "trim beyond the end"),
             Cmd::Trim => {
                 self.flushed = false;
+                self.wrote = true;
                 self.submit(ctx, req, Op::Trim { offset: req.offset, len, fua }, Vec::new())
             }
             Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
             Cmd::WriteZeroes if !inside => self.reply_error(req, NbdErr::NoSpc, "write beyond the end"),
             Cmd::WriteZeroes => {
                 self.flushed = false;
+                self.wrote = true;
                 let op = Op::Zero {
                     offset: req.offset,
                     len,

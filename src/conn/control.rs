@@ -35,6 +35,9 @@ pub enum Command {
         action: MirrorAction,
         bind: Option<String>,
         max_bps: Option<u64>,
+        /// Ours: after "Migration started", keep the session and send a second line when the
+        /// migration ends (`mirror --wait`).
+        wait: bool,
     },
     MirrorMaxBps(u64),
     /// Ours: reply only when the running migration ends (used by `mirror --wait`).
@@ -121,8 +124,8 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
             _ => Err(bad("mirror_max_bps takes one argument")),
         },
         "mirror" => {
-            if args.len() < 2 || args.len() > 5 {
-                return Err(bad("mirror takes addr, port, [action], [bind], [max_bps]"));
+            if args.len() < 2 || args.len() > 6 {
+                return Err(bad("mirror takes addr, port, [action], [bind], [max_bps], [wait]"));
             }
             let addr = args[0].clone();
             if addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err() {
@@ -143,11 +146,17 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                 Some(b) if b.parse::<std::net::IpAddr>().is_ok() => Some(b.to_string()),
                 Some(_) => return Err(bad("bad bind address")),
             };
+            // 0 (or nothing) means no limit, so a waiting client can fill the slot positionally.
             let max_bps = match args.get(4) {
                 None => None,
-                Some(n) => Some(n.parse().map_err(|_| bad("bad speed limit"))?),
+                Some(n) => Some(n.parse::<u64>().map_err(|_| bad("bad speed limit"))?).filter(|&n| n > 0),
             };
-            Ok(Command::Mirror { addr, port, action, bind, max_bps })
+            let wait = match args.get(5).map(String::as_str) {
+                None | Some("") => false,
+                Some("wait") => true,
+                Some(_) => return Err(bad("unknown mirror option")),
+            };
+            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait })
         }
         other => Err(RequestError::Unknown(other.chars().take(64).collect())),
     }
@@ -274,6 +283,7 @@ impl ControlConn {
     pub fn on_event(&mut self, r: &Registry, readable: bool, _writable: bool) -> (Next, Option<Command>) {
         match self.state {
             State::Replying => (self.write_out(r), None),
+            State::Waiting if !readable => (self.write_out(r), None),
             State::Waiting => (self.check_alive(), None),
             State::Reading if !readable => (Next::Continue, None),
             State::Reading => self.read_request(r),
@@ -332,8 +342,17 @@ impl ControlConn {
     /// Queues the one reply line and starts sending it.
     pub fn reply(&mut self, r: &Registry, reply: &(u32, String)) -> Next {
         self.buf = Vec::new();
-        self.out = encode_reply(reply.0, &reply.1);
+        self.out.drain(..self.out_pos);
+        self.out_pos = 0;
+        self.out.extend_from_slice(&encode_reply(reply.0, &reply.1));
         self.state = State::Replying;
+        self.write_out(r)
+    }
+
+    /// Sends a line but keeps waiting for the final one (`mirror` with wait).
+    pub fn interim(&mut self, r: &Registry, reply: &(u32, String)) -> Next {
+        self.out.extend_from_slice(&encode_reply(reply.0, &reply.1));
+        self.state = State::Waiting;
         self.write_out(r)
     }
 
@@ -354,7 +373,10 @@ impl ControlConn {
                 Err(_) => return Next::Close,
             }
         }
-        Next::Close
+        match self.state {
+            State::Replying => Next::Close,
+            _ => Next::Continue,
+        }
     }
 }
 
@@ -398,7 +420,8 @@ mod tests {
                 port: 4000,
                 action: MirrorAction::Unlink,
                 bind: Some("127.0.0.2".into()),
-                max_bps: Some(5)
+                max_bps: Some(5),
+                wait: false,
             })
         );
         assert_eq!(

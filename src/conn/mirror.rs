@@ -109,6 +109,8 @@ pub struct Mirror {
     pub bytes_sent: u64,
     pub waiters: Vec<Token>,
     pub start_waiter: Option<Token>,
+    /// The `mirror` client asked to hear about the end too.
+    pub wait_after_start: bool,
     request_limit: Duration,
 }
 
@@ -147,6 +149,7 @@ impl Mirror {
             bytes_sent: 0,
             waiters: Vec::new(),
             start_waiter: Some(start_waiter),
+            wait_after_start: false,
             request_limit: Duration::from_secs(limit),
         }
     }

@@ -26,8 +26,18 @@ fn io_ctx(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
+/// An empty argument or one with a line break would end or split the request early (a blank
+/// line ends it), so the server would act on part of what was asked: refuse such arguments.
+fn check_args(args: &[String]) -> Result<(), Error> {
+    match args.iter().find(|a| a.is_empty() || a.contains(['\n', '\r'])) {
+        Some(a) => Err(remote(format!("bad argument {a:?}: empty or containing a line break"))),
+        None => Ok(()),
+    }
+}
+
 /// Sends one request on the control socket and returns (code, text).
 pub fn control(sock: &Path, cmd: &str, args: &[String]) -> Result<(u32, String), Error> {
+    check_args(args)?;
     let mut s = UnixStream::connect(sock)
         .map_err(io_ctx(format!("cannot connect to control socket {}", sock.display())))?;
     s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("control socket"))?;
@@ -313,6 +323,7 @@ pub fn write_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>
 /// showing progress, and exits 0 only if the handover completed.
 pub fn mirror_cmd(sock: &Path, args: &[String], wait: bool) -> Result<i32, Error> {
     use std::io::BufRead;
+    check_args(args)?;
     let mut s = UnixStream::connect(sock)
         .map_err(io_ctx(format!("cannot connect to control socket {}", sock.display())))?;
     s.write_all(&encode_request("mirror", args)).map_err(io_ctx("cannot send control request"))?;

@@ -65,6 +65,7 @@ pub struct Core {
     /// Migration freeze: clients are not read from.
     pub frozen: bool,
     pub writes_in_flight: usize,
+    new_sender: Option<ConnId>,
     generation: u64,
 }
 
@@ -80,6 +81,7 @@ impl Core {
             migration_done: &mut self.migration_done,
             frozen: self.frozen,
             writes_in_flight: &mut self.writes_in_flight,
+            new_sender: &mut self.new_sender,
         }
     }
 
@@ -164,6 +166,7 @@ impl Server {
                 dirty: None,
                 frozen: false,
                 writes_in_flight: 0,
+                new_sender: None,
                 generation: 0,
             },
             mirror: None,
@@ -208,6 +211,7 @@ impl Server {
             self.drain_completions();
             self.mirror_tick();
             self.run_pending();
+            self.replace_sender();
             if self.handed_over {
                 break 0;
             }
@@ -346,6 +350,24 @@ impl Server {
         }
     }
 
+    /// listen admits one migration sender at a time: a new one means the previous attempt is
+    /// dead (e.g. a cut connection not yet noticed), so the older sender is dropped.
+    fn replace_sender(&mut self) {
+        let Some(id) = self.core.new_sender.take() else { return };
+        let stale: Vec<Token> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if c.migration_sender && c.id != id => Some(Token(k)),
+                _ => None,
+            })
+            .collect();
+        for t in stale {
+            info!("a new migration sender replaces the previous one");
+            self.close(t);
+        }
+    }
+
     fn conn_event(&mut self, t: Token, readable: bool, writable: bool) {
         let next = match self.conns.get_mut(t.0) {
             None => return,
@@ -367,6 +389,7 @@ impl Server {
         if next == Next::Close {
             self.close(t);
         }
+        self.replace_sender();
     }
 
     fn control_event(&mut self, t: Token, readable: bool, writable: bool) -> Next {

@@ -443,6 +443,7 @@ impl ClientConn {
             }
             OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
                 self.migration_sender = true;
+                *ctx.new_sender = Some(self.id);
                 self.opt_reply(code, RepType::Ack, &[]);
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),

@@ -39,6 +39,8 @@ pub struct Ctx<'a> {
     pub frozen: bool,
     /// Client write-type jobs (WRITE, TRIM, WRITE_ZEROES) submitted and not yet completed.
     pub writes_in_flight: &'a mut usize,
+    /// A connection that just declared itself the migration sender (listen mode).
+    pub new_sender: &'a mut Option<crate::token::ConnId>,
 }
 
 /// What a handler tells its owner to do next.

@@ -31,6 +31,12 @@ impl Export {
     pub fn open(path: &Path, read_only: bool) -> Result<Export, Error> {
         let ctx = |e: io::Error| Error::File { path: path.to_path_buf(), source: e };
         let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(ctx)?;
+        Export::from_file(file, path, read_only)
+    }
+
+    /// Serves an already open file (`path` is only for messages).
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Export, Error> {
+        let ctx = |e: io::Error| Error::File { path: path.to_path_buf(), source: e };
         let meta = file.metadata().map_err(ctx)?;
         let ft = meta.file_type();
         if !(ft.is_file() || ft.is_block_device()) {

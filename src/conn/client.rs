@@ -16,7 +16,7 @@
 //! | Draining       | -                           | closed once nothing is in flight/queued |
 //! | any            | EOF, bad magic, I/O error   | closed                                 |
 
-use super::{Ctx, Next};
+use super::{Ctx, Next, Stream};
 use crate::export::Extent;
 use crate::io_pool::{Completion, Job, Op};
 use crate::proto::handshake::{self as hs, ParseError};
@@ -24,10 +24,9 @@ use crate::proto::transmission::{self as tx, Request};
 use crate::proto::*;
 use crate::token::ConnId;
 use log::{debug, info, warn};
-use mio::net::TcpStream;
 use mio::{Interest, Registry};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 
 /// Reads handled per readiness event before yielding to other connections.
@@ -85,10 +84,12 @@ impl std::fmt::Display for Fatal {
     }
 }
 
-pub struct ClientConn {
+/// Generic over the byte stream so the state machine can be driven without TCP (the stateful
+/// fuzz target uses a Unix socket pair); the server uses mio's TcpStream.
+pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     pub id: ConnId,
     pub peer: SocketAddr,
-    stream: TcpStream,
+    stream: S,
     phase: Phase,
     incoming: Incoming,
     carry: Vec<u8>,
@@ -118,8 +119,8 @@ pub struct ClientConn {
     shutting_down: bool,
 }
 
-impl ClientConn {
-    pub fn new(id: ConnId, peer: SocketAddr, stream: TcpStream, ctx: &Ctx) -> ClientConn {
+impl<S: Stream> ClientConn<S> {
+    pub fn new(id: ConnId, peer: SocketAddr, stream: S, ctx: &Ctx) -> ClientConn<S> {
         let mut c = ClientConn {
             id,
             peer,
@@ -719,7 +720,7 @@ impl ClientConn {
 }
 
 /// One read: Some(n>0) bytes, None on WouldBlock, Err(Eof) when the peer closed.
-fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> Result<Option<usize>, Fatal> {
+fn read_some(s: &mut impl Read, buf: &mut [u8]) -> Result<Option<usize>, Fatal> {
     loop {
         match s.read(buf) {
             Ok(0) => return Err(Fatal::Eof),

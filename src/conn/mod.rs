@@ -3,10 +3,11 @@
 pub mod client;
 pub mod control;
 pub mod mirror;
+pub mod sim;
 
 use crate::acl::Acl;
 use crate::export::Export;
-use crate::io_pool::IoPool;
+use crate::io_pool::Job;
 use std::sync::Arc;
 
 /// Size of the reactor's one read buffer, shared by every connection (single-threaded).
@@ -27,7 +28,7 @@ pub struct ServeConfig {
 /// What the reactor lends a connection while it handles an event.
 pub struct Ctx<'a> {
     pub export: &'a Arc<Export>,
-    pub pool: &'a IoPool,
+    pub pool: &'a dyn Submit,
     pub cfg: &'a ServeConfig,
     pub acl: &'a Acl,
     pub registry: &'a mio::Registry,
@@ -41,6 +42,22 @@ pub struct Ctx<'a> {
     pub writes_in_flight: &'a mut usize,
     /// A connection that just declared itself the migration sender (listen mode).
     pub new_sender: &'a mut Option<crate::token::ConnId>,
+}
+
+/// A byte stream a connection can be driven over.
+pub trait Stream: std::io::Read + std::io::Write + mio::event::Source {}
+impl<T: std::io::Read + std::io::Write + mio::event::Source> Stream for T {}
+
+/// Where connections send disk jobs: the worker pool, or (in the stateful fuzz target) a queue
+/// the harness runs itself.
+pub trait Submit {
+    fn submit(&self, job: Job);
+}
+
+impl Submit for crate::io_pool::IoPool {
+    fn submit(&self, job: Job) {
+        crate::io_pool::IoPool::submit(self, job)
+    }
 }
 
 /// What a handler tells its owner to do next.

@@ -537,10 +537,9 @@ impl Server {
                 {
                     warn!("cannot unlink {}: {e}", self.file.display());
                 }
+                // Set before stop_mirror: once handed over, clients must never run again here.
+                self.handed_over = action != MirrorAction::Nothing;
                 self.stop_mirror("0: migration complete");
-                if action != MirrorAction::Nothing {
-                    self.handed_over = true;
-                }
             }
         }
     }
@@ -562,7 +561,7 @@ impl Server {
 
     /// Lets paused clients run again after a freeze ended.
     fn thaw(&mut self) {
-        if !self.core.frozen {
+        if !self.core.frozen || self.handed_over {
             return;
         }
         self.core.frozen = false;

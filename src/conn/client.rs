@@ -93,6 +93,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     phase: Phase,
     incoming: Incoming,
     carry: Vec<u8>,
+    /// `carry` holds only an incomplete frame: parsing it again without new bytes is useless.
+    carry_stale: bool,
     out: VecDeque<Vec<u8>>,
     out_pos: usize,
     out_bytes: usize,
@@ -128,6 +130,7 @@ impl<S: Stream> ClientConn<S> {
             phase: Phase::ClientFlags,
             incoming: Incoming::Header,
             carry: Vec::new(),
+            carry_stale: true,
             out: VecDeque::new(),
             out_pos: 0,
             out_bytes: 0,
@@ -182,7 +185,7 @@ impl<S: Stream> ClientConn<S> {
 
     /// Would reading now make progress (edge seen, not paused)?
     pub fn wants_read(&self, ctx: &Ctx) -> bool {
-        self.read_ready && !self.paused(ctx)
+        (self.read_ready || self.carry_ready()) && !self.paused(ctx)
     }
 
     fn paused(&self, ctx: &Ctx) -> bool {
@@ -272,10 +275,20 @@ impl<S: Stream> ClientConn<S> {
 
     fn read_input(&mut self, ctx: &mut Ctx) -> Result<(), Fatal> {
         for _ in 0..READ_BUDGET {
-            if !self.read_ready || self.paused(ctx) {
+            if self.paused(ctx) || !(self.read_ready || self.carry_ready()) {
                 return Ok(());
             }
             match &mut self.incoming {
+                // Bytes parked in `carry` by a pause come before anything still in the socket.
+                Incoming::Payload { buf, filled, .. } if !self.carry.is_empty() => {
+                    let k = (buf.len() - *filled).min(self.carry.len());
+                    buf[*filled..*filled + k].copy_from_slice(&self.carry[..k]);
+                    *filled += k;
+                    self.carry.drain(..k);
+                    if *filled == buf.len() {
+                        self.payload_complete(ctx);
+                    }
+                }
                 Incoming::Payload { buf, filled, .. } => {
                     match read_some(&mut self.stream, &mut buf[*filled..])? {
                         None => self.read_ready = false,
@@ -298,25 +311,42 @@ impl<S: Stream> ClientConn<S> {
         Ok(())
     }
 
-    /// Moves `carry` to the front of the shared buffer, reads after it, parses every whole frame
-    /// and keeps the incomplete tail in `carry`.
+    /// `carry` may hold whole frames (left by a pause) that can be parsed without new input.
+    fn carry_ready(&self) -> bool {
+        !self.carry.is_empty() && !self.carry_stale
+    }
+
+    /// Moves `carry` to the front of the shared buffer, reads after it (if the socket has
+    /// something), parses every whole frame and keeps the rest in `carry`.
     fn read_and_parse(&mut self, ctx: &mut Ctx, sbuf: &mut [u8]) -> Result<(), Fatal> {
         let c = self.carry.len();
         sbuf[..c].copy_from_slice(&self.carry);
         self.carry.clear();
         let mut n = c;
-        if c < sbuf.len() {
+        let mut eof = false;
+        if self.read_ready && c < sbuf.len() {
             match read_some(&mut self.stream, &mut sbuf[c..]) {
                 Ok(Some(k)) => n += k,
                 Ok(None) => self.read_ready = false,
-                Err(e) => {
-                    // Still answer what already arrived whole? No: the peer is gone.
-                    return Err(e);
+                Err(Fatal::Eof) => {
+                    self.read_ready = false;
+                    eof = true;
                 }
+                Err(e) => return Err(e),
             }
         }
         let used = self.parse(ctx, &sbuf[..n])?;
         self.carry.extend_from_slice(&sbuf[used..n]);
+        // Unless a pause cut parsing short, what is left is an incomplete frame.
+        self.carry_stale = !self.paused(ctx);
+        if eof {
+            // The peer stopped sending: answer what arrived whole (it may still read), then close.
+            if self.in_flight == 0 && self.out.is_empty() {
+                return Err(Fatal::Eof);
+            }
+            debug!("{} {}: peer finished sending; answering {} requests", self.id, self.peer, self.in_flight);
+            self.phase = Phase::Draining;
+        }
         Ok(())
     }
 

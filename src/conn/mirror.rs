@@ -558,9 +558,10 @@ impl Mirror {
     /// Before the first hello: give up with the original's message. After: retry from scratch.
     fn fail(&mut self, core: &mut Core, first_msg: &'static str, detail: &str) -> Outcome {
         self.teardown(&core.registry);
+        // Reads still in the pool must not be taken for this session's any more.
+        self.id.generation = core.next_generation();
         self.inflight.clear();
         self.inflight_bytes = 0;
-        // Reads still in the pool carry the old generation and will be dropped.
         self.reads = 0;
         self.read_bytes = 0;
         self.flush_cookie = None;

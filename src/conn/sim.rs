@@ -249,6 +249,24 @@ mod tests {
         check_oldstyle(&huge).unwrap();
     }
 
+    /// A WRITE header that hits the in-flight cap parks its payload in `carry`; the payload must
+    /// be taken from there when reading resumes (regression: it was read from the socket).
+    #[test]
+    fn payload_parked_by_a_pause_is_not_lost() {
+        let mut input = Vec::new();
+        for i in 0..63 {
+            input.extend(req(Cmd::WriteZeroes, i, SIM_SIZE / 2, 512));
+        }
+        input.extend(req(Cmd::Write, 100, 0, 4096));
+        input.extend_from_slice(&[7u8; 4096]);
+        input.extend(req(Cmd::Read, 101, 0, 4096));
+        check_oldstyle(&input).unwrap();
+        let o = run(&input, true).unwrap();
+        assert!(o.after[..4096].iter().all(|&b| b == 7));
+        let replies = o.output.len() - OLDSTYLE_HELLO_LEN - 4096;
+        assert_eq!(replies / tx::SIMPLE_REPLY_LEN, 65, "every request answered");
+    }
+
     #[test]
     fn newstyle_negotiation_survives_noise() {
         run(&[0, 0, 0, 3, 0x49, 0x48, 0x41, 0x56, 1, 2, 3], false).unwrap();

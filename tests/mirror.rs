@@ -1,0 +1,936 @@
+//! Live migration, black-box: a `serve` source migrating to a `listen` destination with
+//! `flexnbd mirror`, while clients write (every acknowledged write must arrive, in one pass or
+//! several) or read (only correct data), through a relay that cuts the first connection, across
+//! error replies and a destination killed and restarted, through break/mirror cycles; a long
+//! pipeline into the destination; refusals (size mismatch, nothing listening, ACL), the listener
+//! not ending on a plain client, `--unlink`, tiny files, progress in `status`, `--bind`, and an
+//! original (oldstyle) sender.
+//!
+//! Everything runs on loopback with temporary files; every wait is bounded; only processes
+//! started here are signalled (through their own handles).
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Bound for one CLI invocation against a local server.
+const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound for a whole migration to finish once started.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(40);
+const BLOCK: u64 = 4 * KIB;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Run `flexnbd ARGS...` (stdin empty), bounded.
+fn cli(args: &[&str]) -> ToolOutput {
+    let out = run_bounded(Command::new(flexnbd_bin()).args(args), CLI_TIMEOUT);
+    assert!(out.status.is_some(), "flexnbd {args:?} did not finish within {CLI_TIMEOUT:?}");
+    assert!(!out.stderr.contains("panicked"), "flexnbd {args:?} panicked:\n{}", out.stderr);
+    out
+}
+
+/// The source: `flexnbd serve -l 127.0.0.1 -p 0 -f FILE -v --sock SOCK`.
+fn serve(file: &Path, sock: &Path) -> Server {
+    Server::start(file, &["--sock", s(sock)])
+}
+
+fn listen_args(file: &Path, port: u16, sock: Option<&Path>, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["listen", "-l", "127.0.0.1", "-p", &port.to_string(), "-f", s(file), "-v"].map(String::from).into();
+    if let Some(sock) = sock {
+        args.push("--sock".into());
+        args.push(s(sock).into());
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// The destination: `flexnbd listen -l 127.0.0.1 -p 0 -f FILE -v [--sock SOCK] EXTRA...`.
+fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
+    let mut l = Server::spawn(&listen_args(file, 0, sock, extra));
+    l.wait_ready(IO_TIMEOUT);
+    l
+}
+
+/// A destination on a given port, retried (bounded) while the port is still being released.
+fn listen_on_port(file: &Path, port: u16, sock: Option<&Path>) -> Server {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let mut l = Server::spawn(&listen_args(file, port, sock, &[]));
+        let until = Instant::now() + IO_TIMEOUT;
+        while Instant::now() < until {
+            if l.wait_for_line("listening on", Duration::from_millis(20)) {
+                assert_eq!(l.wait_ready(IO_TIMEOUT), port, "restarted listen is on another port");
+                return l;
+            }
+            if l.try_wait().is_some() {
+                break;
+            }
+        }
+        l.wait_timeout(Duration::from_secs(2));
+        last = l.stderr_text();
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("could not restart listen on port {port} within 10 s; last stderr:\n{last}");
+}
+
+/// `flexnbd mirror -l 127.0.0.1 -p PORT -s SOCK EXTRA...`.
+fn mirror(sock: &Path, port: u16, extra: &[&str]) -> ToolOutput {
+    let port = port.to_string();
+    let mut args = vec!["mirror", "-l", "127.0.0.1", "-p", &port, "-s", s(sock)];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
+/// `mirror` that must print "Migration started" and exit 0.
+fn start_mirror(sock: &Path, port: u16, extra: &[&str]) {
+    let out = mirror(sock, port, extra);
+    out.assert_success("flexnbd mirror");
+    assert!(
+        out.stdout.contains("Migration started"),
+        "flexnbd mirror should print `Migration started`, got stdout {:?} stderr {:?}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// `flexnbd status -s SOCK` as key -> value.
+fn status(sock: &Path) -> HashMap<String, String> {
+    let out = cli(&["status", "-s", s(sock)]);
+    out.assert_success("flexnbd status");
+    out.stdout
+        .trim_end()
+        .split(' ')
+        .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn field<'a>(st: &'a HashMap<String, String>, key: &str) -> &'a str {
+    st.get(key).map(String::as_str).unwrap_or_else(|| panic!("status has no `{key}`: {st:?}"))
+}
+
+fn int_field(st: &HashMap<String, String>, key: &str) -> u64 {
+    let v = field(st, key);
+    v.parse().unwrap_or_else(|_| panic!("status `{key}={v}` is not a non-negative integer: {st:?}"))
+}
+
+/// Wait (bounded) for `process` to exit 0; panics with its stderr otherwise. The other
+/// server's stderr is printed too when its guard is dropped during the unwind.
+fn assert_exits_zero(process: &mut Server, what: &str, timeout: Duration) {
+    match process.wait_timeout(timeout) {
+        Some(st) if st.success() => {}
+        Some(st) => panic!("{what} exited with {}; stderr:\n{}", describe_status(st), process.stderr_text()),
+        None => panic!("{what} still running {timeout:?} later; stderr:\n{}", process.stderr_text()),
+    }
+}
+
+/// Wait for both ends of a migration to finish with status 0.
+fn assert_migration_completes(src: &mut Server, dst: &mut Server) {
+    assert_exits_zero(src, "source (serve) after the migration", MIGRATION_TIMEOUT);
+    assert_exits_zero(dst, "destination (listen) after the migration", Duration::from_secs(10));
+}
+
+/// A port on 127.0.0.1 with (very likely) nothing listening on it.
+fn unused_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Connections the listener logged as accepted (`-v` logs `<id> <peer>: connected`).
+fn connections_logged(server: &Server) -> usize {
+    server.stderr_lines().iter().filter(|l| l.ends_with(": connected")).count()
+}
+
+/// A file of `len` bytes with random data in `regions` 1 MiB pieces at distinct MiB-aligned
+/// offsets, holes elsewhere.
+fn make_sparse_with_regions(path: &Path, len: u64, regions: usize, seed: u64) {
+    make_sparse_file(path, len);
+    let mut rng = XorShift::new(seed);
+    let slots = len / MIB;
+    let mut used = Vec::new();
+    while used.len() < regions {
+        let m = rng.next_u64() % slots;
+        if !used.contains(&m) {
+            used.push(m);
+            write_at(path, m * MIB, &random_bytes(MIB as usize, seed ^ (m + 1)));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Concurrent writers during a migration
+// ---------------------------------------------------------------------------------------------
+
+/// What one writer saw.
+#[derive(Default)]
+struct WriterLog {
+    /// Offset -> seed of the pattern of the last acknowledged write there.
+    acked: HashMap<u64, u64>,
+    /// Every write sent, in order: (offset, seed, acknowledged), for diagnostics.
+    history: Vec<(u64, u64, bool)>,
+    writes_acked: u64,
+    /// NBD error replies: (offset, error).
+    error_replies: Vec<(u64, u32)>,
+    /// How the writer stopped.
+    end: String,
+    timed_out: bool,
+}
+
+const SIZE_UNDER_WRITERS: u64 = 256 * MIB;
+
+fn pattern(seed: u64) -> Vec<u8> {
+    random_bytes(BLOCK as usize, seed)
+}
+
+/// Writes unique 4 KiB patterns at random blocks congruent to `id` mod `of` (so writers never
+/// race on a block and "the last acknowledged write" is well defined), one request at a time,
+/// until the connection ends, an error reply arrives, or `deadline`.
+fn writer(
+    addr: SocketAddr,
+    id: u64,
+    of: u64,
+    spread: u64,
+    acked_total: Arc<AtomicU64>,
+    deadline: Instant,
+) -> WriterLog {
+    let mut log = WriterLog::default();
+    let mut c = match Nbd::connect(addr) {
+        Ok(c) => c,
+        Err(e) => {
+            log.end = format!("connect failed: {e}");
+            return log;
+        }
+    };
+    let mut rng = XorShift::new(1000 + id);
+    let blocks = SIZE_UNDER_WRITERS / BLOCK;
+    let hot = (16 * MIB / BLOCK).min(blocks);
+    let mut seq = 0u64;
+    loop {
+        if Instant::now() >= deadline {
+            log.end = "deadline".into();
+            break;
+        }
+        // Mostly a hot 16 MiB window (rewrites), one write in `spread` anywhere.
+        let r = rng.next_u64();
+        let b = if !r.is_multiple_of(spread) { (r >> 8) % hot } else { (r >> 8) % blocks };
+        let b = b - b % of + id;
+        if b >= blocks {
+            continue;
+        }
+        let off = b * BLOCK;
+        seq += 1;
+        let seed = (id + 1) << 40 | seq;
+        match c.write(off, &pattern(seed), 0) {
+            Ok(0) => {
+                log.history.push((off, seed, true));
+                log.acked.insert(off, seed);
+                log.writes_acked += 1;
+                acked_total.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(e) => {
+                log.history.push((off, seed, false));
+                log.error_replies.push((off, e));
+                log.end = format!("error reply {e} to a write at {off}");
+                break;
+            }
+            Err(e) => {
+                log.history.push((off, seed, false));
+                log.timed_out = matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
+                log.end = format!("connection ended: {e}");
+                break;
+            }
+        }
+        // Paced (about 1000 writes/s per writer) so the throttled migration can converge.
+        thread::sleep(Duration::from_millis(1));
+    }
+    log
+}
+
+/// If the files differ, panic naming the first differing 4 KiB block and which of the writes
+/// sent there (if any) each file holds.
+fn explain_first_difference(a: &Path, b: &Path, logs: &[WriterLog]) {
+    let len = file_len(a);
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(MIB) as usize;
+        let (da, db) = (read_at(a, off, n), read_at(b, off, n));
+        if da != db {
+            let i = da.iter().zip(&db).position(|(x, y)| x != y).unwrap() as u64;
+            let blk = (off + i) / BLOCK * BLOCK;
+            let (ba, bb) = (read_at(a, blk, BLOCK as usize), read_at(b, blk, BLOCK as usize));
+            let sent: Vec<(usize, u64, bool)> = logs
+                .iter()
+                .enumerate()
+                .flat_map(|(w, l)| l.history.iter().filter(|h| h.0 == blk).map(move |h| (w, h.1, h.2)))
+                .collect();
+            let which = |data: &[u8]| {
+                sent.iter()
+                    .position(|&(_, seed, _)| pattern(seed) == data)
+                    .map_or_else(|| "none of the writes sent there".to_string(), |k| format!("write #{k}"))
+            };
+            panic!(
+                "{} and {} differ at byte {} (block {blk}); writes sent to that block (writer, seed, \
+                 acknowledged), oldest first: {sent:?}; the first file holds {}, the second {}",
+                a.display(),
+                b.display(),
+                off + i,
+                which(&ba),
+                which(&bb)
+            );
+        }
+        off += n as u64;
+    }
+}
+
+/// 256 MiB sparse source with 20 random 1 MiB data regions, four writers doing random 4 KiB
+/// writes of unique patterns, `mirror EXTRA...` started while they write. Afterwards both
+/// processes have exited 0, no writer got an error reply or hung, the files are identical, every
+/// acknowledged write is on the destination, and the destination is as sparse as the source.
+fn migrate_under_writers(tag: &str, spread: u64, mirror_extra: &[&str]) {
+    const SIZE: u64 = SIZE_UNDER_WRITERS;
+    const WRITERS: u64 = 4;
+    let dir = TempDir::new(tag);
+    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    make_sparse_with_regions(&src_file, SIZE, 20, 11);
+    make_sparse_file(&dst_file, SIZE);
+
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, Some(&dst_sock), &[]);
+    let acked_total = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + MIGRATION_TIMEOUT + Duration::from_secs(5);
+    let writers: Vec<JoinHandle<WriterLog>> = (0..WRITERS)
+        .map(|id| {
+            let (addr, acked) = (src.addr(), Arc::clone(&acked_total));
+            thread::spawn(move || writer(addr, id, WRITERS, spread, acked, deadline))
+        })
+        .collect();
+
+    // Let them get going, then migrate under load.
+    let warm = Instant::now() + Duration::from_secs(10);
+    while acked_total.load(Ordering::SeqCst) < 400 && Instant::now() < warm {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let acked_before = acked_total.load(Ordering::SeqCst);
+    assert!(acked_before >= 400, "writers made no progress before the migration ({acked_before} writes)");
+    let began = Instant::now();
+    start_mirror(&src_sock, dst.port(), mirror_extra);
+    assert_migration_completes(&mut src, &mut dst);
+    let took = began.elapsed();
+    let logs: Vec<WriterLog> = writers.into_iter().map(|h| h.join().expect("writer thread")).collect();
+    let acked_after = acked_total.load(Ordering::SeqCst);
+    let passes: Vec<String> = src.stderr_lines().into_iter().filter(|l| l.contains(" done, ")).collect();
+    eprintln!(
+        "{tag}: migration under load took {took:?}; writes acknowledged before mirror {acked_before}, \
+         total {acked_after}; writers ended: {:?}; source: {passes:?}",
+        logs.iter().map(|l| l.end.as_str()).collect::<Vec<_>>()
+    );
+    for (i, l) in logs.iter().enumerate() {
+        assert!(
+            l.error_replies.is_empty(),
+            "writer {i} got error replies before the handover: {:?}",
+            l.error_replies
+        );
+        assert!(!l.timed_out, "writer {i} hung (no reply within {IO_TIMEOUT:?}): {}", l.end);
+        assert!(
+            l.end.starts_with("connection ended"),
+            "writer {i} did not see its connection end: {}",
+            l.end
+        );
+    }
+    assert!(acked_after > acked_before, "no write was acknowledged while the migration ran");
+
+    explain_first_difference(&src_file, &dst_file, &logs);
+    assert_files_equal(&src_file, &dst_file);
+    let mut checked = 0;
+    for l in &logs {
+        for (&off, &seed) in &l.acked {
+            assert_file_range(&dst_file, off, &pattern(seed), "acknowledged write on the destination");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+    let (a_src, a_dst) = (allocated_bytes(&src_file), allocated_bytes(&dst_file));
+    let margin = (a_src / 20).max(2 * MIB);
+    assert!(
+        a_dst.abs_diff(a_src) <= margin,
+        "destination allocates {a_dst} bytes, source {a_src} (margin {margin}): sparseness not kept"
+    );
+}
+
+#[test]
+fn migration_with_concurrent_writers_keeps_every_acknowledged_write() {
+    migrate_under_writers("mirror-writers", 16, &[]);
+}
+
+/// The same with the sweep throttled and the writes spread wider, so the migration lasts
+/// seconds and the writers dirty more than a second's worth while it runs: the source needs
+/// further passes over the dirty ranges before it freezes.
+#[test]
+fn throttled_migration_with_concurrent_writers_keeps_every_acknowledged_write() {
+    migrate_under_writers("mirror-writers-slow", 4, &["--max-bps", &(64 * MIB).to_string()]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A relay that cuts the first connection: the migration is retried
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP relay on 127.0.0.1:0 to `target`. The first connection is cut (both directions) after
+/// `cut_after` bytes from the source; later connections are forwarded in full.
+struct Relay {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    pumps: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Relay {
+    fn start(target: SocketAddr, cut_after: u64) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("relay addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pumps = Arc::new(Mutex::new(Vec::new()));
+        let (acc, st, ps) = (Arc::clone(&accepted), Arc::clone(&stop), Arc::clone(&pumps));
+        let acceptor = thread::spawn(move || {
+            // Bounded by the stop flag, set when the Relay is dropped.
+            while !st.load(Ordering::SeqCst) {
+                let (client, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                let n = acc.fetch_add(1, Ordering::SeqCst);
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect_timeout(&target, IO_TIMEOUT) else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let limit = (n == 0).then_some(cut_after);
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                let (st1, st2) = (Arc::clone(&st), Arc::clone(&st));
+                let mut v = ps.lock().unwrap();
+                v.push(thread::spawn(move || pump(client, server, limit, st1)));
+                v.push(thread::spawn(move || pump(s2, c2, None, st2)));
+            }
+        });
+        Relay { port, accepted, stop, acceptor: Some(acceptor), pumps }
+    }
+}
+
+/// Copies `from` -> `to` until EOF, an error, `limit` bytes or the stop flag; then shuts both
+/// sockets down in both directions (which also ends the opposite pump).
+fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>, stop: Arc<AtomicBool>) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = to.set_write_timeout(Some(IO_TIMEOUT));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => break,
+        };
+        let n = limit.map_or(n, |l| n.min((l - total) as usize));
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        total += n as u64;
+        if limit == Some(total) {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+        for h in self.pumps.lock().unwrap().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads random 64 KiB blocks until the connection ends or `deadline`; returns (reads done,
+/// problems seen).
+fn reader(addr: SocketAddr, expected: Arc<Vec<u8>>, deadline: Instant) -> (u64, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut c = match Nbd::connect(addr) {
+        Ok(c) => c,
+        Err(e) => return (0, vec![format!("connect: {e}")]),
+    };
+    let mut rng = XorShift::new(77);
+    let len = 64 * KIB;
+    let blocks = (expected.len() as u64 - len) / BLOCK;
+    let mut reads = 0;
+    while Instant::now() < deadline && problems.len() < 10 {
+        let off = (rng.next_u64() % blocks) * BLOCK;
+        match c.read(off, len as u32) {
+            Ok(Ok(data)) => {
+                if data[..] != expected[off as usize..(off + len) as usize] {
+                    problems.push(format!("wrong data read at {off}"));
+                }
+                reads += 1;
+            }
+            Ok(Err(e)) => problems.push(format!("error reply {e} to a read at {off}")),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                problems.push(format!("read at {off} unanswered: {e}"));
+                break;
+            }
+            Err(_) => break, // the source closed the connection at the handover
+        }
+    }
+    (reads, problems)
+}
+
+#[test]
+fn migration_cut_mid_way_is_retried_and_readers_see_correct_data() {
+    const SIZE: u64 = 64 * MIB;
+    let dir = TempDir::new("mirror-relay");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 21);
+    make_sparse_file(&dst_file, SIZE);
+    let expected = Arc::new(fs::read(&src_file).expect("read source"));
+
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+    let relay = Relay::start(dst.addr(), 20 * MIB);
+
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let (addr, exp) = (src.addr(), Arc::clone(&expected));
+    let rd = thread::spawn(move || reader(addr, exp, deadline));
+    thread::sleep(Duration::from_millis(100));
+
+    start_mirror(&src_sock, relay.port, &[]);
+    assert_migration_completes(&mut src, &mut dst);
+    let (reads, problems) = rd.join().expect("reader thread");
+    let accepted = relay.accepted.load(Ordering::SeqCst);
+    drop(relay);
+
+    assert!(problems.is_empty(), "reader on the source saw: {problems:?}");
+    assert!(reads > 0, "the reader did not complete a single read");
+    assert!(accepted >= 2, "the relay saw {accepted} connection(s): the cut attempt was not retried");
+    assert_files_equal(&src_file, &dst_file);
+}
+
+/// The source pipelines many small WRITE / WRITE_ZEROES requests when the data is fragmented
+/// (random 4 KiB writes): a WRITE whose header arrives just as the destination connection reaches
+/// its in-flight limit (1024 requests) must still be read with its own payload.
+#[test]
+fn destination_takes_a_write_arriving_at_the_in_flight_request_limit() {
+    const ZEROES: u64 = 1023;
+    let dir = TempDir::new("mirror-pipeline");
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, 16 * MIB);
+    let mut dst = listen(&dst_file, None, &[]);
+    let mut c = Nbd::connect(dst.addr()).expect("connect");
+    c.sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+
+    // One send: 1023 WRITE_ZEROES, a 4 KiB WRITE (the 1024th request), a FLUSH.
+    let mut m = Vec::new();
+    for i in 0..ZEROES {
+        m.extend_from_slice(&Nbd::request_bytes(0, CMD_WRITE_ZEROES, i + 1, i * BLOCK, BLOCK as u32));
+    }
+    let (woff, data) = (8 * MIB, random_bytes(BLOCK as usize, 9));
+    m.extend_from_slice(&Nbd::request_bytes(0, CMD_WRITE, ZEROES + 1, woff, BLOCK as u32));
+    m.extend_from_slice(&data);
+    m.extend_from_slice(&Nbd::request_bytes(0, CMD_FLUSH, ZEROES + 2, 0, 0));
+    c.sock.write_all(&m).expect("send the pipeline");
+
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < (ZEROES + 2) as usize {
+        match c.read_reply() {
+            Ok(Reply::Simple { error: 0, cookie }) => {
+                assert!(answered.insert(cookie), "cookie {cookie} twice")
+            }
+            Ok(r) => panic!("unexpected reply {r:?} after {} replies", answered.len()),
+            Err(e) => panic!(
+                "{} of {} pipelined requests answered, then: {e} (missing: {:?})",
+                answered.len(),
+                ZEROES + 2,
+                (1..=ZEROES + 2).filter(|k| !answered.contains(k)).collect::<Vec<_>>()
+            ),
+        }
+    }
+    assert_file_range(&dst_file, woff, &data, "the pipelined WRITE");
+    dst.assert_alive("after a long pipeline");
+}
+
+/// Error replies from the destination (here a read-only one) fail the attempt after the hello:
+/// the source retries every second, keeps serving its clients, and stops on `break`.
+#[test]
+fn error_replies_from_the_destination_are_retried_until_break() {
+    const SIZE: u64 = 64 * MIB;
+    let dir = TempDir::new("mirror-eperm");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 121);
+    make_sparse_file(&dst_file, SIZE);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &["--read-only"]);
+    start_mirror(&src_sock, dst.port(), &[]);
+
+    let mut c = Nbd::connect(src.addr()).expect("connect to the source");
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        let got = c.read(5 * MIB, 65536).expect("read io").expect("read while the mirror retries");
+        assert_eq!(got, read_at(&src_file, 5 * MIB, 65536), "read while the mirror retries");
+        src.assert_alive("while its mirror attempts fail");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "true", "the source gave up on error replies: {st:?}");
+    let n = connections_logged(&dst);
+    assert!((2..=6).contains(&n), "{n} attempts in 3.5 s (expected a retry about every second)");
+    let out = cli(&["break", "-s", s(&src_sock)]);
+    out.assert_success("flexnbd break");
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "false", "after break: {st:?}");
+    dst.assert_alive("after the failed attempts");
+    assert_eq!(c.read(0, 4096).expect("read io").expect("read after break"), read_at(&src_file, 0, 4096));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Destination killed mid-way and restarted on the same port
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn destination_killed_mid_way_and_restarted_still_completes() {
+    const SIZE: u64 = 64 * MIB;
+    let dir = TempDir::new("mirror-kill");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 31);
+    make_sparse_file(&dst_file, SIZE);
+
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+    let port = dst.port();
+    start_mirror(&src_sock, port, &["--max-bps", &(16 * MIB).to_string()]);
+
+    // Wait until some data has been acknowledged, then kill the destination outright.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(&src_sock);
+        assert_eq!(field(&st, "is_mirroring"), "true", "migration ended too early: {st:?}");
+        if int_field(&st, "migration_bytes_left") < SIZE {
+            break;
+        }
+        assert!(Instant::now() < until, "no progress within 10 s: {st:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let st = dst.stop_with(libc::SIGKILL, IO_TIMEOUT);
+    assert!(!st.success(), "killed listen: {}", describe_status(st));
+
+    // The source keeps trying (nothing listens for now).
+    thread::sleep(Duration::from_millis(1500));
+    src.assert_alive("while its destination was down");
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "true", "source gave up after the destination died: {st:?}");
+
+    let mut dst2 = listen_on_port(&dst_file, port, None);
+    // Lift the limit so the retry is quick.
+    let out = cli(&["mirror-speed", "-s", s(&src_sock), "--max-bps", "0"]);
+    out.assert_success("flexnbd mirror-speed --max-bps 0");
+    assert_migration_completes(&mut src, &mut dst2);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. break / mirror cycles
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn break_and_mirror_again_three_times_then_complete() {
+    const SIZE: u64 = 32 * MIB;
+    let dir = TempDir::new("mirror-break");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 41);
+    make_sparse_file(&dst_file, SIZE);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+
+    let out = cli(&["break", "-s", s(&src_sock)]);
+    assert!(!out.success(), "break without a migration should fail: {:?}", out.stdout);
+    assert!(out.stderr.contains("not mirroring"), "break without a migration: stderr {:?}", out.stderr);
+
+    for round in 1..=3 {
+        start_mirror(&src_sock, dst.port(), &["--max-bps", &(4 * MIB).to_string()]);
+        let st = status(&src_sock);
+        assert_eq!(field(&st, "is_mirroring"), "true", "round {round}, after mirror: {st:?}");
+        if round == 1 {
+            let out = mirror(&src_sock, dst.port(), &[]);
+            assert!(!out.success(), "a second mirror while one runs must fail: {:?}", out.stdout);
+            assert!(out.stderr.contains("mirror already running"), "second mirror: {:?}", out.stderr);
+        }
+        thread::sleep(Duration::from_millis(200));
+        let out = cli(&["break", "-s", s(&src_sock)]);
+        out.assert_success("flexnbd break");
+        assert!(out.stdout.contains("mirror stopped"), "round {round}: break printed {:?}", out.stdout);
+        let st = status(&src_sock);
+        assert_eq!(field(&st, "is_mirroring"), "false", "round {round}, after break: {st:?}");
+        assert!(
+            !st.contains_key("migration_bytes_left"),
+            "round {round}: migration keys after break: {st:?}"
+        );
+        src.assert_alive("after break");
+        dst.assert_alive("after the source broke off a migration");
+        // The source keeps serving normally.
+        let mut c = Nbd::connect(src.addr()).expect("connect to the source after break");
+        let got = c.read(MIB, 4096).expect("read io").expect("read after break");
+        assert_eq!(got, read_at(&src_file, MIB, 4096), "round {round}: read after break");
+    }
+    start_mirror(&src_sock, dst.port(), &[]);
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Refusals, a plain client on the listener, --unlink, tiny files, status, --bind
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn plain_clients_do_not_end_a_listen_server_but_a_signal_fails_it() {
+    let dir = TempDir::new("mirror-listen-read");
+    let (dst_file, dst_sock) = (dir.join("dst.img"), dir.join("dst.sock"));
+    make_random_file(&dst_file, 4 * MIB, 51);
+    let mut dst = listen(&dst_file, Some(&dst_sock), &[]);
+    let port = dst.port().to_string();
+
+    // `flexnbd read` (stdout to a file: the data is binary).
+    let out_file = dir.join("read.out");
+    let mut child = Command::new(flexnbd_bin())
+        .args(["read", "-l", "127.0.0.1", "-p", &port, "-F", "4096", "-S", "8192"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_file).expect("create read.out"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flexnbd read");
+    let st = wait_child(&mut child, CLI_TIMEOUT);
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(st.is_some_and(|s| s.success()), "flexnbd read from a listen server: {st:?}");
+    assert!(
+        fs::read(&out_file).expect("read.out") == read_at(&dst_file, 4096, 8192),
+        "flexnbd read: wrong bytes"
+    );
+
+    // A plain newstyle client that writes, flushes and disconnects cleanly is no migration either.
+    let mut c = Nbd::connect(dst.addr()).expect("connect");
+    assert_eq!(c.write(0, &random_bytes(4096, 5), 0).expect("write io"), 0);
+    assert_eq!(c.flush().expect("flush io"), 0);
+    c.disconnect().expect("disc");
+    wait_closed(&mut c.sock, Duration::from_secs(5)).expect("closed after DISC");
+
+    thread::sleep(Duration::from_millis(500));
+    dst.assert_alive("after plain clients read, wrote and disconnected");
+    let st = status(&dst_sock);
+    assert_eq!(field(&st, "has_control"), "false", "listen status: {st:?}");
+    assert_eq!(field(&st, "is_mirroring"), "false", "listen status: {st:?}");
+
+    // Stopped before any migration completed: a failure.
+    let st = dst.stop_with(libc::SIGTERM, IO_TIMEOUT);
+    assert!(st.code().is_some_and(|c| c != 0), "listen stopped by SIGTERM: {}", describe_status(st));
+}
+
+#[test]
+fn size_mismatch_is_refused_once() {
+    let dir = TempDir::new("mirror-size");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, 4 * MIB, 61);
+    make_sparse_file(&dst_file, 4 * MIB + 4096);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+
+    let out = mirror(&src_sock, dst.port(), &[]);
+    assert!(!out.success(), "mirror to a different size must fail; stdout {:?}", out.stdout);
+    assert!(
+        out.stderr.contains("Remote size does not match local size"),
+        "size mismatch: stderr {:?}",
+        out.stderr
+    );
+    thread::sleep(Duration::from_secs(3));
+    let n = connections_logged(&dst);
+    assert!(n <= 2, "the destination saw {n} connections in 3 s: the refused mirror retries");
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "false", "after a refused mirror: {st:?}");
+    src.assert_alive("after a refused mirror");
+    dst.assert_alive("after a refused mirror");
+}
+
+#[test]
+fn nothing_listening_is_reported_as_failed_to_connect() {
+    let dir = TempDir::new("mirror-refused");
+    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
+    make_random_file(&src_file, MIB, 71);
+    let mut src = serve(&src_file, &src_sock);
+    let out = mirror(&src_sock, unused_port(), &[]);
+    assert!(!out.success(), "mirror to a closed port must fail; stdout {:?}", out.stdout);
+    assert!(out.stderr.contains("Mirror failed to connect"), "closed port: stderr {:?}", out.stderr);
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "false", "after a failed mirror: {st:?}");
+    src.assert_alive("after a failed mirror");
+}
+
+#[test]
+fn unlink_removes_the_source_file_after_success() {
+    const SIZE: u64 = 8 * MIB;
+    let dir = TempDir::new("mirror-unlink");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 81);
+    make_sparse_file(&dst_file, SIZE);
+    let original = fs::read(&src_file).expect("read source");
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+    start_mirror(&src_sock, dst.port(), &["--unlink"]);
+    assert_migration_completes(&mut src, &mut dst);
+    assert!(!src_file.exists(), "--unlink: {} still exists after the migration", src_file.display());
+    assert!(
+        fs::read(&dst_file).expect("read destination") == original,
+        "destination differs from the source"
+    );
+}
+
+#[test]
+fn a_1000_byte_file_migrates() {
+    let dir = TempDir::new("mirror-tiny");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, 1000, 91);
+    make_sparse_file(&dst_file, 1000);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+    start_mirror(&src_sock, dst.port(), &[]);
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+#[test]
+fn status_shows_progress_and_speed_limit_while_mirroring() {
+    const SIZE: u64 = 32 * MIB;
+    const LIMIT: u64 = 4 * MIB;
+    let dir = TempDir::new("mirror-status");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 101);
+    make_sparse_file(&dst_file, SIZE);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &[]);
+    start_mirror(&src_sock, dst.port(), &["--max-bps", &LIMIT.to_string()]);
+
+    thread::sleep(Duration::from_millis(1200));
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "true", "{st:?}");
+    assert_eq!(int_field(&st, "migration_speed_limit"), LIMIT, "{st:?}");
+    for key in ["migration_speed", "migration_duration", "migration_seconds_left", "migration_bytes_left"] {
+        int_field(&st, key);
+    }
+    let left = int_field(&st, "migration_bytes_left");
+    assert!(left > 0 && left <= SIZE, "migration_bytes_left={left} for a {SIZE}-byte file: {st:?}");
+    assert!(int_field(&st, "migration_duration") >= 1, "migration_duration after 1.2 s: {st:?}");
+    let speed = int_field(&st, "migration_speed");
+    assert!(speed <= 3 * LIMIT, "migration_speed={speed} with a limit of {LIMIT}: {st:?}");
+
+    let out = cli(&["mirror-speed", "-s", s(&src_sock), "--max-bps", "0"]);
+    out.assert_success("flexnbd mirror-speed --max-bps 0");
+    let st = status(&src_sock);
+    assert!(!st.contains_key("migration_speed_limit"), "limit still shown after removing it: {st:?}");
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+#[test]
+fn mirror_with_bind_reaches_a_destination_with_an_acl() {
+    const SIZE: u64 = 2 * MIB;
+    let dir = TempDir::new("mirror-bind");
+    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
+    make_random_file(&src_file, SIZE, 111);
+    make_sparse_file(&dst_file, SIZE);
+    let mut src = serve(&src_file, &src_sock);
+    let mut dst = listen(&dst_file, None, &["127.0.0.2"]);
+
+    // From 127.0.0.1 the destination closes before its hello.
+    let out = mirror(&src_sock, dst.port(), &[]);
+    assert!(!out.success(), "mirror from an address the ACL refuses must fail; stdout {:?}", out.stdout);
+    assert!(out.stderr.contains("Mirror was rejected"), "ACL refusal: stderr {:?}", out.stderr);
+    dst.assert_alive("after refusing a sender by ACL");
+
+    start_mirror(&src_sock, dst.port(), &["--bind", "127.0.0.2"]);
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. An original (oldstyle) sender
+// ---------------------------------------------------------------------------------------------
+
+/// Behaves like the original flexnbd's mirror: reads the 152-byte oldstyle hello, WRITEs all of
+/// `data` (8 MiB at most per request, one at a time), then, if `goodbye`, sends NBD_CMD_DISC;
+/// then closes.
+fn original_sender(addr: SocketAddr, data: &[u8], goodbye: bool) {
+    let mut c = Nbd::connect_oldstyle(addr).expect("oldstyle hello");
+    assert_eq!(c.size, data.len() as u64, "size in the oldstyle hello");
+    for (i, chunk) in data.chunks(8 * MIB as usize).enumerate() {
+        let off = i as u64 * 8 * MIB;
+        assert_eq!(c.write(off, chunk, 0).expect("write io"), 0, "write at {off}");
+    }
+    if goodbye {
+        c.disconnect().expect("DISC");
+    }
+    let _ = c.sock.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn oldstyle_listen_completes_on_an_original_senders_clean_disconnect() {
+    const SIZE: u64 = 4 * MIB;
+    let dir = TempDir::new("mirror-oldstyle");
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, SIZE);
+    let mut dst = listen(&dst_file, None, &["--oldstyle"]);
+
+    // A sender that drops without saying goodbye has not completed anything.
+    original_sender(dst.addr(), &random_bytes(SIZE as usize, 1), false);
+    // Nor has a client that only reads and then says goodbye.
+    let mut reader = Nbd::connect_oldstyle(dst.addr()).expect("oldstyle hello");
+    assert!(reader.read(0, 4096).expect("read io").is_ok(), "oldstyle read");
+    reader.disconnect().expect("DISC");
+    wait_closed(&mut reader.sock, Duration::from_secs(5)).expect("closed after DISC");
+    thread::sleep(Duration::from_millis(500));
+    dst.assert_alive("after an oldstyle sender dropped without NBD_CMD_DISC and a reader left");
+
+    let data = random_bytes(SIZE as usize, 2);
+    original_sender(dst.addr(), &data, true);
+    assert_exits_zero(&mut dst, "oldstyle listen after the sender's DISC", Duration::from_secs(10));
+    assert!(fs::read(&dst_file).expect("read destination") == data, "destination differs from what was sent");
+}

@@ -40,6 +40,13 @@ impl Entry {
         if prefix > max {
             return Err(bad());
         }
+        // Peers are matched in canonical form (mapped addresses as IPv4), so entries are too.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Entry { addr: IpAddr::V4(v4), prefix: prefix - 96 });
+        }
         Ok(Entry { addr, prefix })
     }
 
@@ -139,6 +146,11 @@ mod tests {
         assert!(acl.admits(ip("2001:db8:7fff::1")));
         assert!(!acl.admits(ip("2001:db8:8000::1")));
         assert!(acl.admits(ip("::ffff:10.1.1.1")));
+        // A mapped entry matches both spellings of the address (fuzz finding).
+        let mapped = Acl::parse(&["::ffff:127.0.0.1", "::ffff:10.0.0.0/104"], true).unwrap();
+        assert!(mapped.admits(ip("127.0.0.1")));
+        assert!(mapped.admits(ip("::ffff:127.0.0.1")));
+        assert!(mapped.admits(ip("10.9.9.9")));
     }
 
     #[test]

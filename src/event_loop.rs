@@ -122,6 +122,9 @@ impl Server {
         let mut listener =
             TcpListener::bind(addr).map_err(|e| Error::Listen { addr: addr.to_string(), source: e })?;
         let local = listener.local_addr().map_err(setup("cannot read listening address"))?;
+        // mio listens with a small backlog; a connection storm should queue, not be dropped.
+        // SAFETY: listen() again on our own listening socket only changes its backlog.
+        unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) };
         let control = match &o.sock {
             Some(p) => Some(ControlListener::bind(p)?),
             None => None,

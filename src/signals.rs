@@ -21,6 +21,9 @@ impl SignalFd {
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // A write past RLIMIT_FSIZE must fail with EFBIG (answered as ENOSPC), not kill
+            // the server and every client with it.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
             if fd < 0 {
                 return Err(io::Error::last_os_error());

@@ -100,8 +100,12 @@ pub fn parse_lines(buf: &[u8], eof: bool) -> Result<Option<(Vec<String>, usize)>
             }
             None if rest.len() > MAX_LINE => return Err(RequestError::LineTooLong),
             None if eof => {
-                if !rest.is_empty() {
-                    lines.push(String::from_utf8(rest.to_vec()).map_err(|_| RequestError::NotText)?);
+                let line = rest.strip_suffix(b"\r").unwrap_or(rest);
+                if !line.is_empty() {
+                    lines.push(String::from_utf8(line.to_vec()).map_err(|_| RequestError::NotText)?);
+                    if lines.len() > MAX_LINES {
+                        return Err(RequestError::TooManyLines);
+                    }
                 }
                 return Ok(Some((lines, buf.len())));
             }
@@ -406,6 +410,10 @@ mod tests {
         assert_eq!(parse_lines(b"\xff\xfe\n\n", false), Err(RequestError::NotText));
         let many = "x\n".repeat(MAX_LINES + 2);
         assert_eq!(parse_lines(many.as_bytes(), false), Err(RequestError::TooManyLines));
+        // The same limit holds when the last line ends at EOF (fuzz regression).
+        let at_eof = format!("acl\n{}2", "1\n".repeat(MAX_LINES - 1));
+        assert_eq!(parse_lines(at_eof.as_bytes(), true), Err(RequestError::TooManyLines));
+        assert_eq!(parse_lines(b"status\r", true).unwrap().unwrap().0, vec!["status".to_string()]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 seconds=${FUZZ_SECONDS:-20}
-ALL_TARGETS=(handshake_options greeting_client request_header structured_reply control_request acl_entry
+ALL_TARGETS=(client_session handshake_options greeting_client request_header structured_reply control_request acl_entry
     write_segments)
 read -r -a targets <<<"${FUZZ_TARGETS:-${ALL_TARGETS[*]}}"
 

@@ -3,10 +3,11 @@
 //! state; disk workers only ever see jobs.
 
 use crate::acl::Acl;
+use crate::buffer::BufPool;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
-use crate::conn::{Ctx, Next, SHARED_READ_BUF, ServeConfig};
+use crate::conn::{Ctx, InlineWrites, Next, SHARED_READ_BUF, ServeConfig};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
@@ -66,6 +67,9 @@ pub struct Core {
     pub frozen: bool,
     pub writes_in_flight: usize,
     new_sender: Option<ConnId>,
+    bufs: BufPool,
+    inline: InlineWrites,
+    inline_done: Vec<Completion>,
     generation: u64,
 }
 
@@ -82,6 +86,9 @@ impl Core {
             frozen: self.frozen,
             writes_in_flight: &mut self.writes_in_flight,
             new_sender: &mut self.new_sender,
+            bufs: &mut self.bufs,
+            inline: &mut self.inline,
+            inline_done: &mut self.inline_done,
         }
     }
 
@@ -170,6 +177,9 @@ impl Server {
                 frozen: false,
                 writes_in_flight: 0,
                 new_sender: None,
+                bufs: BufPool::default(),
+                inline: InlineWrites::default(),
+                inline_done: Vec::new(),
                 generation: 0,
             },
             mirror: None,
@@ -609,6 +619,10 @@ impl Server {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
                 self.core.num_clients -= 1;
+                if self.core.num_clients == 0 {
+                    // Nobody to reuse them for: give the memory back.
+                    self.core.bufs.clear();
+                }
                 info!("{} {}: disconnected", c.id, c.peer);
             }
             Some(Conn::Control(mut c)) => c.deregister(&self.core.registry),
@@ -623,6 +637,7 @@ impl Server {
 
     fn drain_completions(&mut self) {
         self.core.pool.drain(&mut self.completions);
+        self.completions.append(&mut self.core.inline_done);
         if self.completions.is_empty() {
             return;
         }

@@ -241,7 +241,7 @@ impl<S: Stream> ClientConn<S> {
 
     /// Sends queued output and reports whether the connection is done.
     pub fn flush(&mut self, ctx: &mut Ctx) -> Next {
-        if let Err(e) = self.write_out() {
+        if let Err(e) = self.write_out(ctx.bufs) {
             return self.fail(Fatal::Io(e));
         }
         if self.finished() {
@@ -553,7 +553,8 @@ impl<S: Stream> ClientConn<S> {
                 self.wrote = true;
                 self.in_flight += 1;
                 self.in_flight_bytes += req.len as usize;
-                self.incoming = Incoming::Payload { req, buf: vec![0u8; req.len as usize], filled: 0 };
+                let buf = ctx.bufs.take(req.len as usize);
+                self.incoming = Incoming::Payload { req, buf, filled: 0 };
                 if req.len == 0 {
                     self.payload_complete(ctx);
                 }
@@ -628,7 +629,7 @@ impl<S: Stream> ClientConn<S> {
     fn start_read(&mut self, ctx: &mut Ctx, req: Request) {
         let len = req.len as usize;
         let at = if self.structured { tx::CHUNK_HEADER_LEN + 8 } else { tx::SIMPLE_REPLY_LEN };
-        let mut buf = vec![0u8; at + len];
+        let mut buf = ctx.bufs.take(at + len);
         if len <= INLINE_READ_MAX
             && let Some(result) = ctx.export.try_read_nowait(&mut buf[at..], req.offset)
         {
@@ -647,18 +648,28 @@ impl<S: Stream> ClientConn<S> {
         }
         self.in_flight += 1;
         self.in_flight_bytes += buf.len();
-        ctx.pool.submit(Job { conn: self.id, cookie: req.cookie, op, buf });
+        let job = Job { conn: self.id, cookie: req.cookie, op, buf };
+        if ctx.inline.allows(&job) {
+            let t = std::time::Instant::now();
+            let c = crate::io_pool::run(ctx.export, job);
+            ctx.inline.took(t.elapsed());
+            ctx.inline_done.push(c);
+        } else {
+            ctx.pool.submit(job);
+        }
     }
 
     /// A finished job: turn it into a reply.
-    pub fn complete(&mut self, _ctx: &mut Ctx, c: Completion) {
+    pub fn complete(&mut self, ctx: &mut Ctx, c: Completion) {
         let Completion { job, result } = c;
         self.in_flight -= 1;
         self.in_flight_bytes -= job.buf.len();
         let cookie = job.cookie;
+        // Read data leaves with the reply; every other job's buffer is done with here.
+        let mut spare = Some(job.buf);
         match (job.op, result) {
             (Op::Read { offset, at, len }, Ok(_)) => {
-                let mut buf = job.buf;
+                let Some(mut buf) = spare.take() else { return };
                 if self.structured {
                     let h =
                         tx::encode_chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len as u32);
@@ -681,6 +692,9 @@ impl<S: Stream> ClientConn<S> {
                 let is_read = matches!(op, Op::Read { .. } | Op::Extents { .. });
                 self.error_reply(cookie, is_read, err, &e.to_string());
             }
+        }
+        if let Some(b) = spare {
+            ctx.bufs.give(b);
         }
     }
 
@@ -716,7 +730,7 @@ impl<S: Stream> ClientConn<S> {
     }
 
     /// Writes queued replies with writev until done or the socket is full.
-    fn write_out(&mut self) -> io::Result<()> {
+    fn write_out(&mut self, bufs: &mut crate::buffer::BufPool) -> io::Result<()> {
         while !self.out.is_empty() && !self.write_blocked {
             let mut iov: [IoSlice; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
@@ -732,7 +746,9 @@ impl<S: Stream> ClientConn<S> {
                         let front = self.out.front().map_or(0, |b| b.len() - self.out_pos);
                         if k >= front {
                             k -= front;
-                            self.out.pop_front();
+                            if let Some(b) = self.out.pop_front() {
+                                bufs.give(b);
+                            }
                             self.out_pos = 0;
                         } else {
                             self.out_pos += k;

@@ -42,6 +42,51 @@ pub struct Ctx<'a> {
     pub writes_in_flight: &'a mut usize,
     /// A connection that just declared itself the migration sender (listen mode).
     pub new_sender: &'a mut Option<crate::token::ConnId>,
+    /// Request buffers for reuse.
+    pub bufs: &'a mut crate::buffer::BufPool,
+    /// When small writes may run on the reactor thread itself.
+    pub inline: &'a mut InlineWrites,
+    /// Jobs run inline; the reactor handles them exactly like the pool's completions.
+    pub inline_done: &'a mut Vec<crate::io_pool::Completion>,
+}
+
+/// Small buffered writes usually land in the page cache in microseconds, far less than the two
+/// thread wake-ups a trip through the pool costs, so they run on the reactor. ext4 has no
+/// non-blocking buffered writes (RWF_NOWAIT fails with EOPNOTSUPP), so a write that does stall
+/// (writeback throttling, a slow disk) would hold up every connection: after one slow inline
+/// write, writes go through the pool again for a while.
+#[derive(Debug, Default)]
+pub struct InlineWrites {
+    paused_until: Option<std::time::Instant>,
+}
+
+impl InlineWrites {
+    /// Largest write done inline.
+    pub const MAX: usize = 64 * 1024;
+    /// An inline write slower than this sends writes back to the pool...
+    const SLOW: std::time::Duration = std::time::Duration::from_millis(1);
+    /// ...for this long.
+    const PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn allows(&mut self, job: &Job) -> bool {
+        if !matches!(job.op, crate::io_pool::Op::Write { fua: false, .. }) || job.buf.len() > Self::MAX {
+            return false;
+        }
+        match self.paused_until {
+            Some(t) if std::time::Instant::now() < t => false,
+            _ => {
+                self.paused_until = None;
+                true
+            }
+        }
+    }
+
+    pub fn took(&mut self, d: std::time::Duration) {
+        if d > Self::SLOW {
+            log::info!("inline write took {d:?}; using the disk workers for {:?}", Self::PAUSE);
+            self.paused_until = Some(std::time::Instant::now() + Self::PAUSE);
+        }
+    }
 }
 
 /// A byte stream a connection can be driven over.

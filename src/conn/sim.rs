@@ -76,6 +76,9 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
     let queue = Queue(RefCell::new(Vec::new()));
     let mut sbuf = vec![0u8; super::SHARED_READ_BUF];
     let (mut done, mut writes, mut new_sender) = (false, 0usize, None);
+    let mut bufs = crate::buffer::BufPool::default();
+    let mut inline = super::InlineWrites::default();
+    let mut inline_done = Vec::new();
     let mut ctx = Ctx {
         export: &export,
         pool: &queue,
@@ -87,6 +90,9 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
         frozen: false,
         writes_in_flight: &mut writes,
         new_sender: &mut new_sender,
+        bufs: &mut bufs,
+        inline: &mut inline,
+        inline_done: &mut inline_done,
     };
     let id = ConnId { token: mio::Token(0), generation: 1 };
     let peer = "127.0.0.1:0".parse().map_err(io::Error::other)?;
@@ -112,12 +118,13 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
         }
         let mut next = conn.on_event(&mut ctx, true, true);
         let jobs = std::mem::take(&mut *queue.0.borrow_mut());
-        progress |= !jobs.is_empty();
-        for job in jobs {
-            if job.op.modifies() {
+        let inline: Vec<_> = ctx.inline_done.drain(..).collect();
+        progress |= !jobs.is_empty() || !inline.is_empty();
+        for c in jobs.into_iter().map(|job| io_pool::run(&export, job)).chain(inline) {
+            if c.job.op.modifies() {
                 *ctx.writes_in_flight -= 1;
             }
-            conn.complete(&mut ctx, io_pool::run(&export, job));
+            conn.complete(&mut ctx, c);
         }
         if next == Next::Continue {
             next = conn.flush(&mut ctx);

@@ -7,7 +7,7 @@ use crate::buffer::BufPool;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
-use crate::conn::{Ctx, InlineWrites, Next, SHARED_READ_BUF, ServeConfig};
+use crate::conn::{Ctx, InlineIo, Next, SHARED_READ_BUF, ServeConfig};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Back-off after accept() fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long the reactor keeps polling without sleeping after the last event.
+const SPIN: Duration = Duration::from_micros(50);
 
 pub struct ServeOptions {
     pub addr: String,
@@ -68,7 +70,7 @@ pub struct Core {
     pub writes_in_flight: usize,
     new_sender: Option<ConnId>,
     bufs: BufPool,
-    inline: InlineWrites,
+    inline: InlineIo,
     inline_done: Vec<Completion>,
     generation: u64,
 }
@@ -113,6 +115,7 @@ pub struct Server {
     completions: Vec<Completion>,
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
+    spin_until: Option<Instant>,
 }
 
 impl Server {
@@ -178,7 +181,7 @@ impl Server {
                 writes_in_flight: 0,
                 new_sender: None,
                 bufs: BufPool::default(),
-                inline: InlineWrites::default(),
+                inline: InlineIo::default(),
                 inline_done: Vec::new(),
                 generation: 0,
             },
@@ -189,6 +192,7 @@ impl Server {
             completions: Vec::new(),
             accept_paused_until: None,
             shutdown_deadline: None,
+            spin_until: None,
         })
     }
 
@@ -204,6 +208,14 @@ impl Server {
                 }
                 return Err(Error::Io { what: "poll failed".into(), source: e });
             }
+            // Right after activity, poll without sleeping for a moment: a sleeping vCPU takes
+            // tens of microseconds to wake, which dominates a one-request-at-a-time client.
+            // Once nothing happens for SPIN, block as usual (an idle server uses no CPU).
+            if !events.is_empty() {
+                self.spin_until = Some(Instant::now() + SPIN);
+            } else if self.spin_until.is_some_and(|t| Instant::now() >= t) {
+                self.spin_until = None;
+            }
             for ev in events.iter() {
                 match ev.token() {
                     token::LISTENER => self.accept(),
@@ -215,9 +227,10 @@ impl Server {
                     }
                     token::CONTROL => self.accept_control(),
                     t => {
-                        let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        let hup = ev.is_read_closed() || ev.is_error();
+                        let r = ev.is_readable() || hup;
                         let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                        self.conn_event(t, r, w);
+                        self.conn_event(t, r, w, hup);
                     }
                 }
             }
@@ -258,7 +271,7 @@ impl Server {
     }
 
     fn timeout(&self) -> Option<Duration> {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.spin_until.is_some_and(|t| Instant::now() < t) {
             return Some(Duration::ZERO);
         }
         let mut t: Option<Duration> = None;
@@ -343,7 +356,7 @@ impl Server {
             info!("{id} {peer}: connected");
             entry.insert(Conn::Client(c));
             self.core.num_clients += 1;
-            self.conn_event(token, true, true);
+            self.conn_event(token, true, true, false);
         }
     }
 
@@ -359,7 +372,7 @@ impl Server {
                 continue;
             }
             entry.insert(Conn::Control(c));
-            self.conn_event(token, true, true);
+            self.conn_event(token, true, true, false);
         }
     }
 
@@ -381,12 +394,12 @@ impl Server {
         }
     }
 
-    fn conn_event(&mut self, t: Token, readable: bool, writable: bool) {
+    fn conn_event(&mut self, t: Token, readable: bool, writable: bool, hup: bool) {
         let next = match self.conns.get_mut(t.0) {
             None => return,
             Some(Conn::Client(c)) => {
                 let mut ctx = self.core.ctx();
-                let n = c.on_event(&mut ctx, readable, writable);
+                let n = c.on_event(&mut ctx, readable, writable, hup);
                 if n == Next::Continue && c.wants_read(&ctx) {
                     self.pending.push(t);
                 }

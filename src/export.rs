@@ -61,6 +61,11 @@ impl Export {
         self.size
     }
 
+    /// Whether RWF_NOWAIT reads work here (so a failed one means "not cached").
+    pub fn nowait_reads(&self) -> bool {
+        self.can_nowait.load(Ordering::Relaxed)
+    }
+
     pub fn read_only(&self) -> bool {
         self.read_only
     }

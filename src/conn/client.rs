@@ -107,6 +107,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     read_ready: bool,
     /// Last write hit WouldBlock: wait for WRITABLE.
     write_blocked: bool,
+    /// The peer's FIN (or an error) was reported: read until EOF, never stop at a short read.
+    hup: bool,
     registered: Option<Interest>,
     /// Declared itself a migration sender (flexnbd option) during negotiation.
     pub migration_sender: bool,
@@ -141,6 +143,7 @@ impl<S: Stream> ClientConn<S> {
             meta_base_allocation: false,
             read_ready: true,
             write_blocked: false,
+            hup: false,
             registered: None,
             migration_sender: false,
             flushed: false,
@@ -221,10 +224,11 @@ impl<S: Stream> ClientConn<S> {
     }
 
     /// A readiness event for this connection.
-    pub fn on_event(&mut self, ctx: &mut Ctx, readable: bool, writable: bool) -> Next {
+    pub fn on_event(&mut self, ctx: &mut Ctx, readable: bool, writable: bool, hup: bool) -> Next {
         if writable {
             self.write_blocked = false;
         }
+        self.hup |= hup;
         if readable {
             self.read_ready = true;
         }
@@ -293,6 +297,10 @@ impl<S: Stream> ClientConn<S> {
                     match read_some(&mut self.stream, &mut buf[*filled..])? {
                         None => self.read_ready = false,
                         Some(n) => {
+                            // A short read drained the socket; the next byte brings a new edge.
+                            if n < buf.len() - *filled && !self.hup {
+                                self.read_ready = false;
+                            }
                             *filled += n;
                             if *filled == buf.len() {
                                 self.payload_complete(ctx);
@@ -326,7 +334,14 @@ impl<S: Stream> ClientConn<S> {
         let mut eof = false;
         if self.read_ready && c < sbuf.len() {
             match read_some(&mut self.stream, &mut sbuf[c..]) {
-                Ok(Some(k)) => n += k,
+                Ok(Some(k)) => {
+                    // A short read drained the socket (saves an EAGAIN read per request); with
+                    // edge-triggered readiness, anything arriving later raises a new event.
+                    if k < sbuf.len() - c && !self.hup {
+                        self.read_ready = false;
+                    }
+                    n += k;
+                }
                 Ok(None) => self.read_ready = false,
                 Err(Fatal::Eof) => {
                     self.read_ready = false;
@@ -639,17 +654,25 @@ impl<S: Stream> ClientConn<S> {
                 Job { conn: self.id, cookie: req.cookie, op: Op::Read { offset: req.offset, at, len }, buf };
             return self.complete(ctx, Completion { job, result: result.map(|_| Vec::new()) });
         }
-        self.submit(ctx, req, Op::Read { offset: req.offset, at, len }, buf);
+        // Where RWF_NOWAIT works, falling through means the data is not cached: the pool must
+        // wait for the disk. Where it doesn't (tmpfs), a small read may run inline like a write.
+        let inline_ok = !ctx.export.nowait_reads();
+        self.submit_with(ctx, req, Op::Read { offset: req.offset, at, len }, buf, inline_ok);
     }
 
     fn submit(&mut self, ctx: &mut Ctx, req: Request, op: Op, buf: Vec<u8>) {
+        self.submit_with(ctx, req, op, buf, true)
+    }
+
+    /// Hands a job to the pool, or runs it here when `inline_ok` and the inline policy agree.
+    fn submit_with(&mut self, ctx: &mut Ctx, req: Request, op: Op, buf: Vec<u8>, inline_ok: bool) {
         if op.modifies() {
             *ctx.writes_in_flight += 1;
         }
         self.in_flight += 1;
         self.in_flight_bytes += buf.len();
         let job = Job { conn: self.id, cookie: req.cookie, op, buf };
-        if ctx.inline.allows(&job) {
+        if inline_ok && ctx.inline.allows(&job) {
             let t = std::time::Instant::now();
             let c = crate::io_pool::run(ctx.export, job);
             ctx.inline.took(t.elapsed());

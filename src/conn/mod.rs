@@ -44,32 +44,38 @@ pub struct Ctx<'a> {
     pub new_sender: &'a mut Option<crate::token::ConnId>,
     /// Request buffers for reuse.
     pub bufs: &'a mut crate::buffer::BufPool,
-    /// When small writes may run on the reactor thread itself.
-    pub inline: &'a mut InlineWrites,
+    /// When small reads and writes may run on the reactor thread itself.
+    pub inline: &'a mut InlineIo,
     /// Jobs run inline; the reactor handles them exactly like the pool's completions.
     pub inline_done: &'a mut Vec<crate::io_pool::Completion>,
 }
 
-/// Small buffered writes usually land in the page cache in microseconds, far less than the two
-/// thread wake-ups a trip through the pool costs, so they run on the reactor. ext4 has no
-/// non-blocking buffered writes (RWF_NOWAIT fails with EOPNOTSUPP), so a write that does stall
+/// Small buffered writes (and, where RWF_NOWAIT reads are unsupported, small reads) usually
+/// complete in the page cache in microseconds, far less than the two thread wake-ups a trip
+/// through the pool costs, so they run on the reactor. ext4 and tmpfs have no non-blocking
+/// buffered writes (RWF_NOWAIT fails with EOPNOTSUPP), so an operation that does stall
 /// (writeback throttling, a slow disk) would hold up every connection: after one slow inline
-/// write, writes go through the pool again for a while.
+/// operation, everything goes through the pool again for a while.
 #[derive(Debug, Default)]
-pub struct InlineWrites {
+pub struct InlineIo {
     paused_until: Option<std::time::Instant>,
 }
 
-impl InlineWrites {
-    /// Largest write done inline.
+impl InlineIo {
+    /// Largest read or write done inline.
     pub const MAX: usize = 64 * 1024;
-    /// An inline write slower than this sends writes back to the pool...
+    /// An inline operation slower than this sends everything back to the pool...
     const SLOW: std::time::Duration = std::time::Duration::from_millis(1);
     /// ...for this long.
     const PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
     pub fn allows(&mut self, job: &Job) -> bool {
-        if !matches!(job.op, crate::io_pool::Op::Write { fua: false, .. }) || job.buf.len() > Self::MAX {
+        let small = match job.op {
+            crate::io_pool::Op::Write { fua: false, .. } => job.buf.len() <= Self::MAX,
+            crate::io_pool::Op::Read { len, .. } => len <= Self::MAX,
+            _ => false,
+        };
+        if !small {
             return false;
         }
         match self.paused_until {
@@ -83,7 +89,7 @@ impl InlineWrites {
 
     pub fn took(&mut self, d: std::time::Duration) {
         if d > Self::SLOW {
-            log::info!("inline write took {d:?}; using the disk workers for {:?}", Self::PAUSE);
+            log::info!("inline I/O took {d:?}; using the disk workers for {:?}", Self::PAUSE);
             self.paused_until = Some(std::time::Instant::now() + Self::PAUSE);
         }
     }

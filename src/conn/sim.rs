@@ -77,7 +77,7 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
     let mut sbuf = vec![0u8; super::SHARED_READ_BUF];
     let (mut done, mut writes, mut new_sender) = (false, 0usize, None);
     let mut bufs = crate::buffer::BufPool::default();
-    let mut inline = super::InlineWrites::default();
+    let mut inline = super::InlineIo::default();
     let mut inline_done = Vec::new();
     let mut ctx = Ctx {
         export: &export,
@@ -116,7 +116,7 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
                 client.shutdown(std::net::Shutdown::Write)?;
             }
         }
-        let mut next = conn.on_event(&mut ctx, true, true);
+        let mut next = conn.on_event(&mut ctx, true, true, fed == input.len());
         let jobs = std::mem::take(&mut *queue.0.borrow_mut());
         let inline: Vec<_> = ctx.inline_done.drain(..).collect();
         progress |= !jobs.is_empty() || !inline.is_empty();

@@ -41,6 +41,14 @@ impl DirtyMap {
         bytes
     }
 
+    /// Adds every grain dirty in `other` (same export size).
+    pub fn merge(&mut self, other: &DirtyMap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            self.count += u64::from((*o & !*w).count_ones());
+            *w |= *o;
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -83,6 +91,17 @@ mod tests {
         d.mark(10 * GRAIN, 1);
         assert_eq!(d.dirty_bytes(), 100);
         assert_eq!(d.take(GRAIN), Some((10 * GRAIN, 100)));
+    }
+
+    #[test]
+    fn merge_counts_each_grain_once() {
+        let mut a = DirtyMap::new(8 * GRAIN);
+        let mut b = DirtyMap::new(8 * GRAIN);
+        a.mark(0, 2 * GRAIN);
+        b.mark(GRAIN, 2 * GRAIN);
+        a.merge(&b);
+        assert_eq!(a.dirty_bytes(), 3 * GRAIN);
+        assert_eq!(a.take(8 * GRAIN), Some((0, 3 * GRAIN)));
     }
 
     #[test]

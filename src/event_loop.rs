@@ -160,6 +160,7 @@ impl Server {
             listen: o.listen,
             max_in_flight_bytes: 64 << 20,
             max_in_flight_reqs: 1024,
+            instance_id: random_u64(),
         };
         Ok(Server {
             poll,
@@ -544,13 +545,15 @@ impl Server {
                     }
                     _ => false,
                 };
-                match (keep, w.and_then(|w| self.conns.get_mut(w.0))) {
-                    (true, Some(Conn::Control(c))) => {
-                        if c.interim(&self.core.registry, &(0, "Migration started".into())) == Next::Close {
-                            self.close(w.unwrap_or(t));
-                        }
-                    }
-                    _ => self.reply_to(w, "0: Migration started"),
+                if !keep {
+                    return self.reply_to(w, "0: Migration started");
+                }
+                // `mirror --wait`: the first line now, the session stays for the final one.
+                if let Some(w) = w
+                    && let Some(Conn::Control(c)) = self.conns.get_mut(w.0)
+                    && c.interim(&self.core.registry, &(0, "Migration started".into())) == Next::Close
+                {
+                    self.close(w);
                 }
             }
             Outcome::Refused(msg) => self.stop_mirror(&format!("1: {msg}")),
@@ -628,6 +631,10 @@ impl Server {
     }
 
     fn close(&mut self, t: Token) {
+        // Only stop_mirror ends the mirror session.
+        if matches!(self.conns.get(t.0), Some(Conn::Mirror(_))) {
+            return;
+        }
         match self.conns.try_remove(t.0) {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
@@ -639,12 +646,7 @@ impl Server {
                 info!("{} {}: disconnected", c.id, c.peer);
             }
             Some(Conn::Control(mut c)) => c.deregister(&self.core.registry),
-            Some(Conn::Mirror(m)) => {
-                // Only stop_mirror ends the mirror; a stray close leaves it in its slot.
-                let key = self.conns.insert(Conn::Mirror(m));
-                debug_assert_eq!(key, t.0);
-            }
-            None => {}
+            Some(Conn::Mirror(_)) | None => {}
         }
     }
 
@@ -770,6 +772,19 @@ pub fn set_keepalive(fd: i32) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
+/// A random number from the kernel (instance ids); time and pid if that fails.
+fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+        }
+    }
 }
 
 /// Many idle clients need many descriptors: take the soft limit up to the hard one.

@@ -934,3 +934,71 @@ fn oldstyle_listen_completes_on_an_original_senders_clean_disconnect() {
     assert_exits_zero(&mut dst, "oldstyle listen after the sender's DISC", Duration::from_secs(10));
     assert!(fs::read(&dst_file).expect("read destination") == data, "destination differs from what was sent");
 }
+
+/// A cut after a checkpoint, reconnecting to the same destination process, re-sends only what
+/// the checkpoint does not cover, not the whole export (the source logs how much).
+#[test]
+fn a_retry_to_the_same_destination_resumes_instead_of_copying_everything() {
+    const SIZE: u64 = 64 * MIB;
+    const HOT: u64 = 24 * MIB;
+    let dir = TempDir::new("mirror-resume");
+    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
+    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    make_random_file(&src_file, SIZE, 77);
+    make_sparse_file(&dst_file, SIZE);
+    let mut src = serve(&src_file, &ssock);
+    let mut dst = listen(&dst_file, Some(&dsock), &[]);
+
+    // A writer dirtying a 24 MiB window keeps a second pass busy after the sweep.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (addr, stop) = (src.addr(), stop.clone());
+        thread::spawn(move || {
+            let mut c = Nbd::connect(addr).expect("writer connects");
+            let mut rng = XorShift::new(5);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut acked = 0u64;
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let off = (rng.next_u64() % (HOT / BLOCK)) * BLOCK;
+                match c.write(off, &pattern(rng.next_u64()), 0) {
+                    Ok(0) => acked += 1,
+                    other => panic!("writer got {other:?} before the handover"),
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            acked
+        })
+    };
+
+    start_mirror(&ssock, dst.port(), &["--max-bps", "16000000"]);
+    assert!(
+        src.wait_for_line("checkpoint after pass", Duration::from_secs(30)),
+        "no checkpoint was acknowledged; source stderr:\n{}",
+        src.stderr_text()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.join().expect("writer thread");
+    assert!(acked > 0, "the writer made no writes");
+    // Cut the sender off from the destination's side, then let it back in.
+    cli(&["acl", "-s", s(&dsock), "127.0.0.9"]).assert_success("acl dropping the sender");
+    thread::sleep(Duration::from_millis(200));
+    cli(&["acl", "-s", s(&dsock)]).assert_success("acl admitting everyone again");
+
+    assert!(
+        src.wait_for_line("re-sending", Duration::from_secs(20)),
+        "the retry did not resume; source stderr:\n{}",
+        src.stderr_text()
+    );
+    let line = src.stderr_lines().into_iter().find(|l| l.contains("re-sending")).unwrap_or_default();
+    let resent: u64 = line
+        .split("re-sending ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the byte count in {line:?}"));
+    println!("resumed: {resent} of {SIZE} bytes re-sent");
+    assert!(resent < SIZE, "a resume must not re-send the whole export ({resent} of {SIZE})");
+    cli(&["mirror-speed", "-s", s(&ssock), "--max-bps", "0"]);
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}

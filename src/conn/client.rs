@@ -490,7 +490,8 @@ impl<S: Stream> ClientConn<S> {
             OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
                 self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
-                self.opt_reply(code, RepType::Ack, &[]);
+                // Our own option, so our own reply: the ACK carries the instance id.
+                self.opt_reply(code, RepType::Ack, &ctx.cfg.instance_id.to_be_bytes());
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),
         }

@@ -7,6 +7,8 @@
 //! | Hello       | newstyle greeting                       | Negotiating (MIGRATE + GO)     |
 //! | Negotiating | GO acknowledged, sizes match            | Copying (reply "started")      |
 //! | Copying     | pass done, remainder small or stuck     | Frozen (clients paused)        |
+//! | Copying     | pass done, no checkpoint yet            | Checkpoint (FLUSH sent)        |
+//! | Checkpoint  | FLUSH acknowledged                      | Copying (pass done, decide)    |
 //! | Copying     | pass done, remainder large              | Copying (next pass over dirty) |
 //! | Frozen      | no client write in flight               | Final (last dirty pass)        |
 //! | Final       | everything acknowledged                 | Flushing (FLUSH sent)          |
@@ -14,6 +16,13 @@
 //! | Closing     | DISC written                            | handed over                    |
 //! | any         | failure before the first hello          | refused (reported, no retry)   |
 //! | any         | failure after a hello                   | Backoff -> Connecting          |
+//!
+//! Resuming: a flexnbd destination answers our migrate option with a random instance id. Each
+//! checkpoint (a FLUSH between passes) makes everything acknowledged before it safe on that
+//! instance; what a checkpoint does not cover is the pass after it (`pass_origin`) plus every
+//! range dirtied since. After a failure the source keeps tracking writes, and if the next
+//! attempt reaches the same instance it re-sends only that; any other destination (or no
+//! checkpoint yet) gets a full copy.
 //!
 //! Every client write marks the dirty map when it completes (before it is acknowledged), so an
 //! acknowledged write is either in data a pass read afterwards or still dirty; the freeze waits
@@ -71,6 +80,7 @@ enum State {
     Hello,
     Negotiating,
     Copying,
+    Checkpoint,
     Frozen,
     Final,
     Flushing,
@@ -91,6 +101,20 @@ pub struct Mirror {
     write_blocked: bool,
     /// A destination has answered with a valid hello at least once: failures now retry.
     started: bool,
+    /// The destination's size from NBD_INFO_EXPORT, until GO is acknowledged.
+    remote_size: Option<u64>,
+    /// Instance id the destination offered in this attempt's negotiation.
+    offered_instance: Option<u64>,
+    /// Instance the current (or last) attempt copied to.
+    dest_instance: Option<u64>,
+    /// Set by a failure that left a usable checkpoint on `dest_instance`.
+    resume_from: Option<u64>,
+    /// A checkpoint holds on `dest_instance`; `pass_origin` is what it does not cover.
+    checkpointed: bool,
+    pass_origin: Option<DirtyMap>,
+    checkpoint_cookie: Option<u64>,
+    /// The current pass ended with a checkpoint already.
+    pass_checkpointed: bool,
     pass: u32,
     cursor: u64,
     pass_map: Option<DirtyMap>,
@@ -131,6 +155,14 @@ impl Mirror {
             out_pos: 0,
             write_blocked: false,
             started: false,
+            remote_size: None,
+            offered_instance: None,
+            dest_instance: None,
+            resume_from: None,
+            checkpointed: false,
+            pass_origin: None,
+            checkpoint_cookie: None,
+            pass_checkpointed: false,
             pass: 0,
             cursor: 0,
             pass_map: None,
@@ -231,7 +263,9 @@ impl Mirror {
                 _ => self.fail(core, "Remote server failed to respond", "no hello in time"),
             };
         }
-        if !self.inflight.is_empty() && now.duration_since(self.last_reply) > self.request_limit {
+        let waiting =
+            !self.inflight.is_empty() || self.checkpoint_cookie.is_some() || self.flush_cookie.is_some();
+        if waiting && now.duration_since(self.last_reply) > self.request_limit {
             return self.fail(core, "Remote server failed to respond", "request unanswered for too long");
         }
         self.pump(core)
@@ -348,12 +382,21 @@ impl Mirror {
                     let (opt, rep) = (r.opt, r.rep);
                     let info =
                         if rep == RepType::Info as u32 { hs::parse_info_export(r.data)? } else { None };
+                    if opt == OptCode::FlexnbdMigrate as u32
+                        && rep == RepType::Ack as u32
+                        && r.data.len() == 8
+                    {
+                        self.offered_instance = Some(crate::proto::be64(r.data));
+                    }
                     pos += used;
                     if opt == OptCode::Go as u32 {
                         if let Some((size, _)) = info {
-                            self.cursor = size; // remembered until ACK; reset in begin_copy
+                            self.remote_size = Some(size);
                         } else if rep == RepType::Ack as u32 {
-                            outcome = self.begin_copy(core, self.cursor);
+                            let Some(size) = self.remote_size else {
+                                return Err(ParseError::Malformed("GO acknowledged without the export size"));
+                            };
+                            outcome = self.begin_copy(core, size);
                         } else if rep & 0x8000_0000 != 0 {
                             return Err(ParseError::Malformed("destination refused the export"));
                         }
@@ -361,7 +404,7 @@ impl Mirror {
                     // Replies to our migration option: ACK from a flexnbd listener, an error
                     // from other servers, which we can still copy to.
                 }
-                State::Copying | State::Frozen | State::Final | State::Flushing => {
+                State::Copying | State::Checkpoint | State::Frozen | State::Final | State::Flushing => {
                     let Some((h, used)) = tx::parse_reply_header(rest)? else { break };
                     let ReplyHeader::Simple { error, cookie } = h else {
                         return Err(ParseError::Malformed("structured reply we did not ask for"));
@@ -370,6 +413,16 @@ impl Mirror {
                     self.last_reply = Instant::now();
                     if error != 0 {
                         return Err(ParseError::Malformed("destination replied with an error"));
+                    }
+                    if self.checkpoint_cookie == Some(cookie) {
+                        // Everything sent so far is on the destination; what is not is in the
+                        // dirty map, which a failure folds into what to re-send.
+                        self.checkpoint_cookie = None;
+                        self.checkpointed = true;
+                        self.pass_origin = Some(DirtyMap::new(core.export.size()));
+                        self.state = State::Copying;
+                        info!("mirror {}: checkpoint after pass {} acknowledged", self.id, self.pass);
+                        continue;
                     }
                     if self.flush_cookie == Some(cookie) {
                         self.flush_cookie = None;
@@ -409,7 +462,8 @@ impl Mirror {
         hs::encode_export_request(&mut go, b"", &[]);
         hs::encode_option(&mut b, OptCode::Go as u32, &go);
         self.out.push_back(b);
-        self.cursor = 0;
+        self.remote_size = None;
+        self.offered_instance = None;
         self.state = State::Negotiating;
     }
 
@@ -422,16 +476,39 @@ impl Mirror {
         }
         self.deadline = None;
         self.state = State::Copying;
-        self.pass = 0;
-        self.cursor = 0;
-        self.pass_map = None;
         self.last_pass_dirty = u64::MAX;
         self.attempt_started = Instant::now();
         self.attempt_bytes = 0;
         self.last_reply = Instant::now();
-        // Everything is sent by the sweep; only what changes from now on needs a later pass.
-        core.dirty = Some(DirtyMap::new(size));
-        info!("mirror {}: copying {size} bytes to {}", self.id, self.spec.target);
+        let resume = self.resume_from.is_some() && self.resume_from == self.offered_instance;
+        self.dest_instance = self.offered_instance;
+        self.resume_from = None;
+        match core.dirty.replace(DirtyMap::new(size)) {
+            Some(left) if resume => {
+                info!(
+                    "mirror {}: destination instance {:016x} kept what it acknowledged; re-sending {} bytes",
+                    self.id,
+                    self.dest_instance.unwrap_or(0),
+                    left.dirty_bytes()
+                );
+                // The old checkpoint still holds on this instance; it does not cover `left`.
+                self.pass = 1;
+                self.pass_origin = Some(left.clone());
+                self.pass_map = Some(left);
+                self.checkpointed = true;
+                self.pass_checkpointed = false;
+            }
+            _ => {
+                // Everything is sent by the sweep; only what changes from now on needs a later pass.
+                self.pass = 0;
+                self.cursor = 0;
+                self.pass_map = None;
+                self.pass_origin = None;
+                self.checkpointed = false;
+                self.pass_checkpointed = false;
+                info!("mirror {}: copying {size} bytes to {}", self.id, self.spec.target);
+            }
+        }
         let first = !self.started;
         self.started = true;
         if first { Outcome::Started } else { Outcome::None }
@@ -493,6 +570,17 @@ impl Mirror {
                 self.state = State::Flushing;
                 return self.after_io(core);
             }
+            if !self.pass_checkpointed {
+                // Make this pass's data safe on the destination before going on, so a cut
+                // connection can resume from here.
+                self.pass_checkpointed = true;
+                let cookie = self.cookie();
+                let flush = Request { flags: 0, kind: Cmd::Flush as u16, cookie, offset: 0, len: 0 };
+                self.out.push_back(flush.encode().to_vec());
+                self.checkpoint_cookie = Some(cookie);
+                self.state = State::Checkpoint;
+                return self.after_io(core);
+            }
             let dirty = core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes);
             let stuck = self.pass >= 2 && dirty >= self.last_pass_dirty;
             if dirty as f64 <= self.speed() as f64 || self.pass >= MAX_PASSES || stuck {
@@ -507,10 +595,16 @@ impl Mirror {
         }
     }
 
+    /// Starts the next pass over what was dirtied during the last one.
     fn next_pass(&mut self, core: &mut Core) {
         self.pass += 1;
+        self.pass_checkpointed = false;
         let size = core.export.size();
         self.pass_map = core.dirty.replace(DirtyMap::new(size));
+        // The last checkpoint does not cover this pass's ranges until the next one.
+        if let (Some(origin), Some(map)) = (self.pass_origin.as_mut(), self.pass_map.as_ref()) {
+            origin.merge(map);
+        }
     }
 
     fn cookie(&mut self) -> u64 {
@@ -573,8 +667,22 @@ impl Mirror {
             return Outcome::Refused(first_msg);
         }
         warn!("mirror {}: attempt failed ({detail}); retrying in {RETRY_DELAY:?}", self.id);
-        // The next attempt re-sends everything; writes from now on are caught by its sweep.
-        core.dirty = None;
+        self.checkpoint_cookie = None;
+        let origin = self.pass_origin.take();
+        match (self.checkpointed, origin, core.dirty.as_mut()) {
+            // Keep tracking writes: if the next attempt reaches the same instance, only these
+            // ranges (and what changes meanwhile) need sending again.
+            (true, Some(origin), Some(dirty)) => {
+                dirty.merge(&origin);
+                self.resume_from = self.dest_instance;
+            }
+            // Otherwise the next attempt re-sends everything; its sweep catches later writes.
+            _ => {
+                core.dirty = None;
+                self.resume_from = None;
+            }
+        }
+        self.checkpointed = false;
         self.state = State::Backoff;
         self.deadline = Some(Instant::now() + RETRY_DELAY);
         Outcome::None

@@ -23,6 +23,9 @@ pub struct ServeConfig {
     /// Per-connection cap on bytes read but not yet answered (backpressure threshold).
     pub max_in_flight_bytes: usize,
     pub max_in_flight_reqs: usize,
+    /// Random id of this process, given to migration senders so a retry can tell it reached
+    /// the same destination (and resume rather than copy everything again).
+    pub instance_id: u64,
 }
 
 /// What the reactor lends a connection while it handles an event.

@@ -71,6 +71,7 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
         listen: false,
         max_in_flight_bytes: 8 << 20,
         max_in_flight_reqs: 64,
+        instance_id: 1,
     };
     let acl = Acl::default();
     let queue = Queue(RefCell::new(Vec::new()));

@@ -1,9 +1,12 @@
+//! Outgoing byte queues, and reuse of request buffers.
+//!
 //! Reuse of request buffers. Fresh buffers cost an allocation and a zero fill (and for big ones
 //! page faults) on every request; clients send the same few sizes over and over, so buffers
 //! are kept by exact length and handed out again. The pool is bounded and owned by the reactor
 //! thread, and emptied when no client is connected so an idle server stays small.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Write};
 
 /// Smallest buffer worth keeping (reply headers and such are cheaper to allocate).
 const MIN_POOLED: usize = 4096;
@@ -52,9 +55,118 @@ impl BufPool {
     }
 }
 
+/// Most buffers handed to one writev.
+const MAX_IOV: usize = 64;
+
+/// Buffers waiting to be written to a socket, sent with writev.
+#[derive(Default)]
+pub struct OutQueue {
+    bufs: VecDeque<Vec<u8>>,
+    /// Bytes of the front buffer already written.
+    pos: usize,
+    bytes: usize,
+}
+
+impl OutQueue {
+    pub fn push(&mut self, b: Vec<u8>) {
+        self.bytes += b.len();
+        self.bufs.push_back(b);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// Bytes still to write.
+    pub fn bytes(&self) -> usize {
+        self.bytes - self.pos
+    }
+
+    pub fn clear(&mut self) {
+        *self = OutQueue::default();
+    }
+
+    /// Writes until the queue is empty (`Ok(false)`) or the socket is full (`Ok(true)`).
+    /// Fully written buffers go back to `pool`, if one is given.
+    pub fn write_to(&mut self, w: &mut impl Write, mut pool: Option<&mut BufPool>) -> io::Result<bool> {
+        while !self.bufs.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, b) in self.bufs.iter().take(MAX_IOV).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &b[self.pos..] } else { b });
+                n += 1;
+            }
+            match w.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => self.advance(k, pool.as_deref_mut()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    fn advance(&mut self, mut k: usize, mut pool: Option<&mut BufPool>) {
+        while k > 0 {
+            let Some(front) = self.bufs.front() else { return };
+            let left = front.len() - self.pos;
+            if k < left {
+                self.pos += k;
+                return;
+            }
+            k -= left;
+            self.bytes -= front.len();
+            self.pos = 0;
+            if let (Some(b), Some(p)) = (self.bufs.pop_front(), pool.as_deref_mut()) {
+                p.give(b);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepts at most `cap` bytes per call, then reports WouldBlock once.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        block_next: bool,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if std::mem::take(&mut self.block_next) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.block_next = true;
+            let n = b.len().min(self.cap);
+            self.got.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn out_queue_survives_partial_writes() {
+        let mut q = OutQueue::default();
+        q.push(b"hello ".to_vec());
+        q.push(b"wide ".to_vec());
+        q.push(b"world".to_vec());
+        let mut w = Trickle { got: Vec::new(), cap: 4, block_next: false };
+        let mut rounds = 0;
+        while q.write_to(&mut w, None).unwrap() {
+            rounds += 1;
+            assert!(rounds < 100);
+        }
+        assert_eq!(w.got, b"hello wide world");
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+    }
 
     #[test]
     fn reuses_by_exact_length_and_stays_bounded() {

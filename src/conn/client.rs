@@ -17,6 +17,7 @@
 //! | any            | EOF, bad magic, I/O error   | closed                                 |
 
 use super::{Ctx, Next, Stream};
+use crate::buffer::OutQueue;
 use crate::export::Extent;
 use crate::io_pool::{Completion, Job, Op};
 use crate::proto::handshake::{self as hs, ParseError};
@@ -25,14 +26,11 @@ use crate::proto::*;
 use crate::token::ConnId;
 use log::{debug, info, warn};
 use mio::{Interest, Registry};
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 
 /// Reads handled per readiness event before yielding to other connections.
 const READ_BUDGET: usize = 16;
-/// Most buffers handed to one writev.
-const MAX_IOV: usize = 64;
 /// Reads at most this big may be served inline from the page cache on the reactor thread;
 /// bigger ones would hold up every other connection for the memcpy.
 const INLINE_READ_MAX: usize = 128 * 1024;
@@ -95,9 +93,7 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     carry: Vec<u8>,
     /// `carry` holds only an incomplete frame: parsing it again without new bytes is useless.
     carry_stale: bool,
-    out: VecDeque<Vec<u8>>,
-    out_pos: usize,
-    out_bytes: usize,
+    out: OutQueue,
     in_flight: usize,
     in_flight_bytes: usize,
     no_zeroes: bool,
@@ -133,9 +129,7 @@ impl<S: Stream> ClientConn<S> {
             incoming: Incoming::Header,
             carry: Vec::new(),
             carry_stale: true,
-            out: VecDeque::new(),
-            out_pos: 0,
-            out_bytes: 0,
+            out: OutQueue::default(),
             in_flight: 0,
             in_flight_bytes: 0,
             no_zeroes: false,
@@ -194,7 +188,7 @@ impl<S: Stream> ClientConn<S> {
     fn paused(&self, ctx: &Ctx) -> bool {
         self.phase == Phase::Draining
             || ctx.frozen
-            || self.in_flight_bytes + self.out_bytes >= ctx.cfg.max_in_flight_bytes
+            || self.in_flight_bytes + self.out.bytes() >= ctx.cfg.max_in_flight_bytes
             || self.in_flight >= ctx.cfg.max_in_flight_reqs
     }
 
@@ -749,41 +743,13 @@ impl<S: Stream> ClientConn<S> {
     // Output
 
     fn push_out(&mut self, b: Vec<u8>) {
-        self.out_bytes += b.len();
-        self.out.push_back(b);
+        self.out.push(b);
     }
 
     /// Writes queued replies with writev until done or the socket is full.
     fn write_out(&mut self, bufs: &mut crate::buffer::BufPool) -> io::Result<()> {
-        while !self.out.is_empty() && !self.write_blocked {
-            let mut iov: [IoSlice; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for (i, b) in self.out.iter().take(MAX_IOV).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &b[self.out_pos..] } else { b });
-                n += 1;
-            }
-            match self.stream.write_vectored(&iov[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut k) => {
-                    self.out_bytes -= k;
-                    while k > 0 {
-                        let front = self.out.front().map_or(0, |b| b.len() - self.out_pos);
-                        if k >= front {
-                            k -= front;
-                            if let Some(b) = self.out.pop_front() {
-                                bufs.give(b);
-                            }
-                            self.out_pos = 0;
-                        } else {
-                            self.out_pos += k;
-                            k = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if !self.write_blocked {
+            self.write_blocked = self.out.write_to(&mut self.stream, Some(bufs))?;
         }
         Ok(())
     }

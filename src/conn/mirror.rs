@@ -28,6 +28,7 @@
 //! acknowledged write is either in data a pass read afterwards or still dirty; the freeze waits
 //! for in-flight writes, and the handover happens only after the final pass is flushed.
 
+use crate::buffer::OutQueue;
 use crate::conn::control::MirrorAction;
 use crate::dirty::DirtyMap;
 use crate::event_loop::Core;
@@ -39,8 +40,8 @@ use crate::token::ConnId;
 use log::{info, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
+use std::collections::HashMap;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -96,8 +97,7 @@ pub struct Mirror {
     stream: Option<TcpStream>,
     registered: Option<Interest>,
     rbuf: Vec<u8>,
-    out: VecDeque<Vec<u8>>,
-    out_pos: usize,
+    out: OutQueue,
     write_blocked: bool,
     /// A destination has answered with a valid hello at least once: failures now retry.
     started: bool,
@@ -151,8 +151,7 @@ impl Mirror {
             stream: None,
             registered: None,
             rbuf: Vec::new(),
-            out: VecDeque::new(),
-            out_pos: 0,
+            out: OutQueue::default(),
             write_blocked: false,
             started: false,
             remote_size: None,
@@ -231,7 +230,6 @@ impl Mirror {
         self.id.generation = core.next_generation();
         self.rbuf.clear();
         self.out.clear();
-        self.out_pos = 0;
         self.write_blocked = false;
         let mut s = match crate::net::connect(self.spec.target, self.spec.bind, true) {
             Ok(s) => TcpStream::from_std(s),
@@ -427,7 +425,7 @@ impl Mirror {
                     if self.flush_cookie == Some(cookie) {
                         self.flush_cookie = None;
                         let disc = Request { flags: 0, kind: Cmd::Disc as u16, cookie: 0, offset: 0, len: 0 };
-                        self.out.push_back(disc.encode().to_vec());
+                        self.out.push(disc.encode().to_vec());
                         self.state = State::Closing;
                         break;
                     }
@@ -461,7 +459,7 @@ impl Mirror {
         let mut go = Vec::new();
         hs::encode_export_request(&mut go, b"", &[]);
         hs::encode_option(&mut b, OptCode::Go as u32, &go);
-        self.out.push_back(b);
+        self.out.push(b);
         self.remote_size = None;
         self.offered_instance = None;
         self.state = State::Negotiating;
@@ -563,10 +561,7 @@ impl Mirror {
                 return Outcome::None;
             }
             if self.state == State::Final {
-                let cookie = self.cookie();
-                let flush = Request { flags: 0, kind: Cmd::Flush as u16, cookie, offset: 0, len: 0 };
-                self.out.push_back(flush.encode().to_vec());
-                self.flush_cookie = Some(cookie);
+                self.flush_cookie = Some(self.send_flush());
                 self.state = State::Flushing;
                 return self.after_io(core);
             }
@@ -574,10 +569,7 @@ impl Mirror {
                 // Make this pass's data safe on the destination before going on, so a cut
                 // connection can resume from here.
                 self.pass_checkpointed = true;
-                let cookie = self.cookie();
-                let flush = Request { flags: 0, kind: Cmd::Flush as u16, cookie, offset: 0, len: 0 };
-                self.out.push_back(flush.encode().to_vec());
-                self.checkpoint_cookie = Some(cookie);
+                self.checkpoint_cookie = Some(self.send_flush());
                 self.state = State::Checkpoint;
                 return self.after_io(core);
             }
@@ -605,6 +597,14 @@ impl Mirror {
         if let (Some(origin), Some(map)) = (self.pass_origin.as_mut(), self.pass_map.as_ref()) {
             origin.merge(map);
         }
+    }
+
+    /// Queues a FLUSH and returns its cookie.
+    fn send_flush(&mut self) -> u64 {
+        let cookie = self.cookie();
+        let flush = Request { flags: 0, kind: Cmd::Flush as u16, cookie, offset: 0, len: 0 };
+        self.out.push(flush.encode().to_vec());
+        cookie
     }
 
     fn cookie(&mut self) -> u64 {
@@ -637,7 +637,7 @@ impl Mirror {
             if !hole {
                 b.extend_from_slice(&job.buf[pos..pos + elen]);
             }
-            self.out.push_back(b);
+            self.out.push(b);
             self.inflight.insert(cookie, elen as u64);
             self.inflight_bytes += elen as u64;
             pos += elen;
@@ -690,35 +690,8 @@ impl Mirror {
 
     fn write_out(&mut self) -> io::Result<()> {
         let Some(s) = self.stream.as_mut() else { return Ok(()) };
-        if self.state == State::Connecting {
-            return Ok(());
-        }
-        while !self.out.is_empty() && !self.write_blocked {
-            let mut iov: [IoSlice; 16] = [IoSlice::new(&[]); 16];
-            let mut n = 0;
-            for (i, b) in self.out.iter().take(16).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &b[self.out_pos..] } else { b });
-                n += 1;
-            }
-            match s.write_vectored(&iov[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut k) => {
-                    while k > 0 {
-                        let front = self.out.front().map_or(0, |b| b.len() - self.out_pos);
-                        if k >= front {
-                            k -= front;
-                            self.out.pop_front();
-                            self.out_pos = 0;
-                        } else {
-                            self.out_pos += k;
-                            k = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if self.state != State::Connecting && !self.write_blocked {
+            self.write_blocked = self.out.write_to(s, None)?;
         }
         Ok(())
     }

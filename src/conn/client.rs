@@ -159,20 +159,12 @@ impl<S: Stream> ClientConn<S> {
         c
     }
 
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
-
     /// Server shutdown: answer what is in flight, refuse anything new with ESHUTDOWN, close.
     pub fn shut_down(&mut self) {
         self.shutting_down = true;
         if self.phase != Phase::Transmission {
             self.phase = Phase::Draining;
         }
-    }
-
-    pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
     }
 
     /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.

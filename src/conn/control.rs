@@ -235,10 +235,6 @@ impl ControlListener {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Unlinks the socket file (at shutdown).
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);

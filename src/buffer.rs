@@ -19,9 +19,18 @@ const MAX_PER_LEN: usize = 256;
 pub struct BufPool {
     free: HashMap<usize, Vec<Vec<u8>>>,
     bytes: usize,
+    /// Keep only buffers of this length (0: any length).
+    only: usize,
+    /// Most bytes kept (0: MAX_POOLED_BYTES).
+    limit: usize,
 }
 
 impl BufPool {
+    /// A pool that keeps at most `limit` bytes of buffers exactly `len` long.
+    pub fn of_length(len: usize, limit: usize) -> BufPool {
+        BufPool { only: len, limit, ..BufPool::default() }
+    }
+
     /// A buffer of exactly `len` bytes; its contents are unspecified (but initialised).
     pub fn take(&mut self, len: usize) -> Vec<u8> {
         if let Some(b) = self.free.get_mut(&len).and_then(Vec::pop) {
@@ -34,7 +43,8 @@ impl BufPool {
     /// Gives a buffer back for reuse (or drops it when the pool is full).
     pub fn give(&mut self, buf: Vec<u8>) {
         let len = buf.len();
-        if len < MIN_POOLED || self.bytes + len > MAX_POOLED_BYTES {
+        let limit = if self.limit == 0 { MAX_POOLED_BYTES } else { self.limit };
+        if len < MIN_POOLED || self.bytes + len > limit || (self.only != 0 && len != self.only) {
             return;
         }
         let list = self.free.entry(len).or_default();

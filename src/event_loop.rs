@@ -272,7 +272,12 @@ impl Server {
     }
 
     fn timeout(&self) -> Option<Duration> {
-        if !self.pending.is_empty() || self.spin_until.is_some_and(|t| Instant::now() < t) {
+        // Jobs run inline after the last drain (by a step or a completion's follow-up) have
+        // replies waiting on no event at all: sleeping now would strand them.
+        if !self.pending.is_empty()
+            || !self.core.inline_done.is_empty()
+            || self.spin_until.is_some_and(|t| Instant::now() < t)
+        {
             return Some(Duration::ZERO);
         }
         let mut t: Option<Duration> = None;

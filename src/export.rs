@@ -204,6 +204,18 @@ impl Export {
         Ok(out)
     }
 
+    /// The first offset in [off, end) that may hold data (`end` if none). Unlike `extents` it
+    /// never looks for the end of the data: on tmpfs SEEK_HOLE walks every page up to the next
+    /// hole, so on a dense file each call would cost time proportional to the rest of the file.
+    pub fn data_from(&self, off: u64, end: u64) -> io::Result<u64> {
+        match self.seek(off, libc::SEEK_DATA) {
+            Ok(d) => Ok(d.clamp(off, end)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(end),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(off),
+            Err(e) => Err(e),
+        }
+    }
+
     fn seek(&self, off: u64, whence: i32) -> io::Result<u64> {
         // SAFETY: lseek on our fd; workers share the fd but SEEK_DATA/HOLE results are returned,
         // and every read/write is positioned, so the shared file offset is never relied on.

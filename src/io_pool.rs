@@ -83,8 +83,17 @@ impl Completion {
     }
 }
 
+/// Queued jobs: clients' first, so a migration's big reads never delay a client request by
+/// more than the one already running.
+#[derive(Default)]
+struct Queues {
+    front: VecDeque<Job>,
+    back: VecDeque<Job>,
+    closing: bool,
+}
+
 struct Shared {
-    jobs: Mutex<(VecDeque<Job>, bool)>,
+    jobs: Mutex<Queues>,
     cond: Condvar,
     done: Mutex<Vec<Completion>>,
     waker: Arc<mio::Waker>,
@@ -99,7 +108,7 @@ pub struct IoPool {
 impl IoPool {
     pub fn new(n: usize, export: Arc<Export>, waker: Arc<mio::Waker>) -> io::Result<IoPool> {
         let shared = Arc::new(Shared {
-            jobs: Mutex::new((VecDeque::new(), false)),
+            jobs: Mutex::new(Queues::default()),
             cond: Condvar::new(),
             done: Mutex::new(Vec::new()),
             waker,
@@ -119,9 +128,13 @@ impl IoPool {
     }
 
     pub fn submit(&self, job: Job) {
-        let mut q = lock(&self.shared.jobs);
-        q.0.push_back(job);
-        drop(q);
+        lock(&self.shared.jobs).front.push_back(job);
+        self.shared.cond.notify_one();
+    }
+
+    /// Queues a job that runs only when no client job is waiting.
+    pub fn submit_background(&self, job: Job) {
+        lock(&self.shared.jobs).back.push_back(job);
         self.shared.cond.notify_one();
     }
 
@@ -133,7 +146,7 @@ impl IoPool {
 
     /// Stops the workers after the jobs already queued have run.
     pub fn shutdown(&mut self) {
-        lock(&self.shared.jobs).1 = true;
+        lock(&self.shared.jobs).closing = true;
         self.shared.cond.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -157,10 +170,10 @@ fn worker(s: &Shared) {
         let job = {
             let mut q = lock(&s.jobs);
             loop {
-                if let Some(j) = q.0.pop_front() {
+                if let Some(j) = q.front.pop_front().or_else(|| q.back.pop_front()) {
                     break j;
                 }
-                if q.1 {
+                if q.closing {
                     return;
                 }
                 q = s.cond.wait(q).unwrap_or_else(|p| p.into_inner());
@@ -194,17 +207,27 @@ pub fn run(e: &Export, mut job: Job) -> Completion {
     Completion { job, result }
 }
 
-/// Reads the data extents of [offset, offset+buf.len()) into `buf`; holes are left as they are
-/// (the caller passes a zeroed buffer) and reported so they can be sent as WRITE_ZEROES.
+/// Reads [offset, offset+buf.len()) for the mirror and splits it into runs: a hole before the
+/// first data (from SEEK_DATA, not read) and then whole zero 4 KiB blocks are reported as
+/// holes, to be sent as WRITE_ZEROES; data runs are in `buf` at their place.
 fn read_sparse(e: &Export, buf: &mut [u8], offset: u64) -> io::Result<Vec<Extent>> {
-    let ext = e.extents(offset, buf.len() as u32, usize::MAX)?;
-    let mut pos = 0usize;
-    for &(len, flags) in &ext {
-        let end = pos + len as usize;
-        if flags & crate::proto::STATE_HOLE == 0 {
-            e.read_at(&mut buf[pos..end], offset + pos as u64)?;
-        }
-        pos = end;
+    let end = offset + buf.len() as u64;
+    let data = e.data_from(offset, end)?;
+    let hole = crate::proto::STATE_HOLE | crate::proto::STATE_ZERO;
+    let mut out: Vec<Extent> = Vec::new();
+    if data > offset {
+        out.push(((data - offset) as u32, hole));
     }
-    Ok(ext)
+    if data < end {
+        let at = (data - offset) as usize;
+        e.read_at(&mut buf[at..], data)?;
+        for (s, t, zero) in crate::export::segments(&buf[at..], data) {
+            let flags = if zero { hole } else { 0 };
+            match out.last_mut() {
+                Some(last) if last.1 == flags => last.0 += (t - s) as u32,
+                _ => out.push(((t - s) as u32, flags)),
+            }
+        }
+    }
+    Ok(out)
 }

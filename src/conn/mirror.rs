@@ -28,7 +28,7 @@
 //! acknowledged write is either in data a pass read afterwards or still dirty; the freeze waits
 //! for in-flight writes, and the handover happens only after the final pass is flushed.
 
-use crate::buffer::OutQueue;
+use crate::buffer::{BufPool, OutQueue};
 use crate::conn::control::MirrorAction;
 use crate::dirty::DirtyMap;
 use crate::event_loop::Core;
@@ -45,15 +45,25 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Largest WRITE the sweep sends.
-pub const CHUNK: u64 = 8 * 1024 * 1024;
+/// Bytes one source read covers, and so the largest WRITE we send (the design allows 8 MiB;
+/// smaller reads interleave better with client jobs in the disk pool and on the reactor).
+pub const CHUNK: u64 = 2 * 1024 * 1024;
 /// Bytes being read or awaiting acknowledgement at once.
-const MAX_IN_FLIGHT: u64 = 4 * CHUNK;
+const MAX_IN_FLIGHT: u64 = 16 * CHUNK;
+/// Source reads queued or running at once: fewer than the disk workers, so a client job
+/// always finds a free one.
+const MAX_READS: usize = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Passes after which we freeze even if the remainder keeps growing.
-const MAX_PASSES: u32 = 8;
+/// Passes after which we freeze even if the remainder still shrinks.
+const MAX_PASSES: u32 = 16;
+/// Freeze once the remainder would take this long to send at the measured rate. The original
+/// allowed about a second; clients stall for the whole freeze, so we keep passing until it is
+/// short (with a 4 KiB dirty grain, passes shrink fast even under a random-write load).
+const FREEZE_BUDGET: Duration = Duration::from_millis(20);
+/// A remainder this small is frozen for whatever the rate.
+const FREEZE_ALWAYS: u64 = 256 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct MirrorSpec {
@@ -98,6 +108,8 @@ pub struct Mirror {
     registered: Option<Interest>,
     rbuf: Vec<u8>,
     out: OutQueue,
+    /// Read buffers come back here once their WRITE is on the socket.
+    bufs: BufPool,
     write_blocked: bool,
     /// A destination has answered with a valid hello at least once: failures now retry.
     started: bool,
@@ -152,6 +164,7 @@ impl Mirror {
             registered: None,
             rbuf: Vec::new(),
             out: OutQueue::default(),
+            bufs: BufPool::of_length(CHUNK as usize, MAX_IN_FLIGHT as usize),
             write_blocked: false,
             started: false,
             remote_size: None,
@@ -535,7 +548,10 @@ impl Mirror {
                 self.state = State::Final;
                 self.next_pass(core);
             }
-            while self.inflight_bytes + self.read_bytes < MAX_IN_FLIGHT && self.throttle_until().is_none() {
+            while self.reads < MAX_READS
+                && self.inflight_bytes + self.read_bytes < MAX_IN_FLIGHT
+                && self.throttle_until().is_none()
+            {
                 let next = if self.pass == 0 {
                     let size = core.export.size();
                     (self.cursor < size).then(|| {
@@ -550,7 +566,8 @@ impl Mirror {
                 self.reads += 1;
                 self.read_bytes += len;
                 let op = Op::ReadSparse { offset, len: len as usize };
-                core.pool.submit(Job { conn: self.id, cookie: offset, op, buf: vec![0u8; len as usize] });
+                let buf = self.bufs.take(len as usize);
+                core.pool.submit_background(Job { conn: self.id, cookie: offset, op, buf });
             }
             let pass_left = if self.pass == 0 {
                 self.cursor < core.export.size()
@@ -575,7 +592,9 @@ impl Mirror {
             }
             let dirty = core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes);
             let stuck = self.pass >= 2 && dirty >= self.last_pass_dirty;
-            if dirty as f64 <= self.speed() as f64 || self.pass >= MAX_PASSES || stuck {
+            let quick =
+                dirty <= FREEZE_ALWAYS || (dirty as f64) <= self.speed() as f64 * FREEZE_BUDGET.as_secs_f64();
+            if quick || self.pass >= MAX_PASSES || stuck {
                 info!("mirror {}: pass {} done, {dirty} bytes dirty: freezing clients", self.id, self.pass);
                 core.frozen = true;
                 self.freeze_started = Some(Instant::now());
@@ -624,23 +643,34 @@ impl Mirror {
                 return self.fail(core, "Mirror failed to connect", &format!("reading the source: {e}"));
             }
         };
+        let mut buf = Some(job.buf);
+        let whole = matches!(extents.as_slice(), [(l, 0)] if *l as usize == len);
         let mut pos = 0usize;
         for (elen, flags) in extents {
             let elen = elen as usize;
-            let off = offset + pos as u64;
             let cookie = self.cookie();
-            let hole = flags & STATE_HOLE != 0 || crate::export::is_zero(&job.buf[pos..pos + elen]);
+            let hole = flags & STATE_HOLE != 0;
             let kind = if hole { Cmd::WriteZeroes } else { Cmd::Write };
-            let req = Request { flags: 0, kind: kind as u16, cookie, offset: off, len: elen as u32 };
-            let mut b = Vec::with_capacity(tx::REQUEST_LEN + if hole { 0 } else { elen });
-            b.extend_from_slice(&req.encode());
-            if !hole {
-                b.extend_from_slice(&job.buf[pos..pos + elen]);
+            let req = Request {
+                flags: 0,
+                kind: kind as u16,
+                cookie,
+                offset: offset + pos as u64,
+                len: elen as u32,
+            };
+            self.out.push(req.encode().to_vec());
+            if whole {
+                // One data run: send the read buffer itself, no copy on the reactor.
+                self.out.push(buf.take().unwrap_or_default());
+            } else if !hole && let Some(b) = buf.as_ref() {
+                self.out.push(b[pos..pos + elen].to_vec());
             }
-            self.out.push(b);
             self.inflight.insert(cookie, elen as u64);
             self.inflight_bytes += elen as u64;
             pos += elen;
+        }
+        if let Some(b) = buf {
+            self.bufs.give(b);
         }
         let o = self.after_io(core);
         if o != Outcome::None {
@@ -691,7 +721,7 @@ impl Mirror {
     fn write_out(&mut self) -> io::Result<()> {
         let Some(s) = self.stream.as_mut() else { return Ok(()) };
         if self.state != State::Connecting && !self.write_blocked {
-            self.write_blocked = self.out.write_to(s, None)?;
+            self.write_blocked = self.out.write_to(s, Some(&mut self.bufs))?;
         }
         Ok(())
     }

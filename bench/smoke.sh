@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quick check that bench/run.sh still works end to end (ROUNDS=1, 64 MiB, 1 s fio jobs).
-# Exit non-zero if the harness or any measurement fails. Meant for CI; ~30-40 s.
+# Quick check that bench/run.sh (ROUNDS=1, 64 MiB, 1 s fio jobs) and bench/migration.sh
+# (SMOKE=1) still work end to end.
+# Exit non-zero if the harness or any measurement fails. Meant for CI; about a minute.
 #   SMOKE_SERVERS="flexnbd nbdkit"   servers to exercise
 #   BENCH_INSTALL_DEPS=1             apt-get install missing tools first (default: on when CI is set and root)
 set -uo pipefail
@@ -55,4 +56,11 @@ then
     cat "$work/log.txt" >&2
     exit 1
 fi
+# The migration benchmark too: 64 MiB, one round; a failed measurement or check fails CI.
+if ! SMOKE=1 "$HERE/migration.sh" >"$work/mig-table.txt" 2>"$work/mig-log.txt"; then
+    cat "$work/mig-table.txt" "$work/mig-log.txt" >&2
+    echo "smoke: migration.sh failed" >&2
+    exit 1
+fi
+cat "$work/mig-table.txt"
 echo "smoke: OK in $((SECONDS - start)) s"

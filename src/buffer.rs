@@ -19,16 +19,16 @@ const MAX_PER_LEN: usize = 256;
 pub struct BufPool {
     free: HashMap<usize, Vec<Vec<u8>>>,
     bytes: usize,
-    /// Keep only buffers of this length (0: any length).
-    only: usize,
+    /// Keep only buffers of these lengths (empty: any length).
+    only: &'static [usize],
     /// Most bytes kept (0: MAX_POOLED_BYTES).
     limit: usize,
 }
 
 impl BufPool {
-    /// A pool that keeps at most `limit` bytes of buffers exactly `len` long.
-    pub fn of_length(len: usize, limit: usize) -> BufPool {
-        BufPool { only: len, limit, ..BufPool::default() }
+    /// A pool that keeps at most `limit` bytes of buffers whose length is one of `lengths`.
+    pub fn of_lengths(lengths: &'static [usize], limit: usize) -> BufPool {
+        BufPool { only: lengths, limit, ..BufPool::default() }
     }
 
     /// A buffer of exactly `len` bytes; its contents are unspecified (but initialised).
@@ -44,7 +44,10 @@ impl BufPool {
     pub fn give(&mut self, buf: Vec<u8>) {
         let len = buf.len();
         let limit = if self.limit == 0 { MAX_POOLED_BYTES } else { self.limit };
-        if len < MIN_POOLED || self.bytes + len > limit || (self.only != 0 && len != self.only) {
+        if len < MIN_POOLED
+            || self.bytes + len > limit
+            || (!self.only.is_empty() && !self.only.contains(&len))
+        {
             return;
         }
         let list = self.free.entry(len).or_default();

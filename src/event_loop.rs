@@ -68,6 +68,8 @@ pub struct Core {
     /// Migration freeze: clients are not read from.
     pub frozen: bool,
     pub writes_in_flight: usize,
+    /// Client requests received so far: the mirror watches it to notice clients at work.
+    pub requests: u64,
     new_sender: Option<ConnId>,
     bufs: BufPool,
     inline: InlineIo,
@@ -87,6 +89,7 @@ impl Core {
             migration_done: &mut self.migration_done,
             frozen: self.frozen,
             writes_in_flight: &mut self.writes_in_flight,
+            requests: &mut self.requests,
             new_sender: &mut self.new_sender,
             bufs: &mut self.bufs,
             inline: &mut self.inline,
@@ -180,6 +183,7 @@ impl Server {
                 dirty: None,
                 frozen: false,
                 writes_in_flight: 0,
+                requests: 0,
                 new_sender: None,
                 bufs: BufPool::default(),
                 inline: InlineIo::default(),

@@ -527,6 +527,7 @@ impl<S: Stream> ClientConn<S> {
     // Transmission
 
     fn handle_request(&mut self, ctx: &mut Ctx, req: Request) {
+        *ctx.requests += 1;
         let size = ctx.export.size();
         let len = u64::from(req.len);
         let end = req.offset.checked_add(len);

@@ -43,6 +43,8 @@ pub struct Ctx<'a> {
     pub frozen: bool,
     /// Client write-type jobs (WRITE, TRIM, WRITE_ZEROES) submitted and not yet completed.
     pub writes_in_flight: &'a mut usize,
+    /// Client requests received (counted for the mirror, which yields to busy clients).
+    pub requests: &'a mut u64,
     /// A connection that just declared itself the migration sender (listen mode).
     pub new_sender: &'a mut Option<crate::token::ConnId>,
     /// Request buffers for reuse.

@@ -76,7 +76,7 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
     let acl = Acl::default();
     let queue = Queue(RefCell::new(Vec::new()));
     let mut sbuf = vec![0u8; super::SHARED_READ_BUF];
-    let (mut done, mut writes, mut new_sender) = (false, 0usize, None);
+    let (mut done, mut writes, mut requests, mut new_sender) = (false, 0usize, 0u64, None);
     let mut bufs = crate::buffer::BufPool::default();
     let mut inline = super::InlineIo::default();
     let mut inline_done = Vec::new();
@@ -90,6 +90,7 @@ pub fn run(input: &[u8], oldstyle: bool) -> io::Result<Outcome> {
         migration_done: &mut done,
         frozen: false,
         writes_in_flight: &mut writes,
+        requests: &mut requests,
         new_sender: &mut new_sender,
         bufs: &mut bufs,
         inline: &mut inline,

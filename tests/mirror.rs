@@ -1002,3 +1002,116 @@ fn a_retry_to_the_same_destination_resumes_instead_of_copying_everything() {
     assert_migration_completes(&mut src, &mut dst);
     assert_files_equal(&src_file, &dst_file);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. `mirror --wait`
+// ---------------------------------------------------------------------------------------------
+
+/// `flexnbd mirror ... --wait EXTRA...` in the background, stdout and stderr to files.
+fn spawn_mirror_wait(
+    dir: &TempDir,
+    tag: &str,
+    sock: &Path,
+    port: u16,
+    extra: &[&str],
+) -> std::process::Child {
+    let port = port.to_string();
+    let mut args = vec!["mirror", "-l", "127.0.0.1", "-p", &port, "-s", s(sock), "--wait"];
+    args.extend_from_slice(extra);
+    Command::new(flexnbd_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(dir.join(&format!("{tag}.out"))).expect("create mirror stdout"))
+        .stderr(fs::File::create(dir.join(&format!("{tag}.err"))).expect("create mirror stderr"))
+        .spawn()
+        .expect("spawn flexnbd mirror --wait")
+}
+
+/// Waits (bounded) for a `mirror --wait` child; returns its exit status, stdout and stderr.
+fn finish_mirror_wait(
+    dir: &TempDir,
+    tag: &str,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> (std::process::ExitStatus, String, String) {
+    let st = wait_child(child, timeout);
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = fs::read_to_string(dir.join(&format!("{tag}.out"))).unwrap_or_default();
+    let err = fs::read_to_string(dir.join(&format!("{tag}.err"))).unwrap_or_default();
+    let st =
+        st.unwrap_or_else(|| panic!("mirror --wait ({tag}) still running after {timeout:?}; stdout {out:?}"));
+    assert!(!err.contains("panicked"), "mirror --wait ({tag}) panicked: {err}");
+    (st, out, err)
+}
+
+#[test]
+fn mirror_wait_reports_progress_and_exits_zero_only_on_handover() {
+    let dir = TempDir::new("mirror-wait");
+    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
+    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    make_random_file(&src_file, 16 * MIB, 91);
+    make_sparse_file(&dst_file, 16 * MIB);
+    let mut src = serve(&src_file, &ssock);
+    let mut dst = listen(&dst_file, Some(&dsock), &[]);
+
+    // Slow enough to outlast a progress line (every 5 s when stdout is not a terminal), then
+    // stopped with `break`: the waiting client exits non-zero and the source keeps serving.
+    let mut m = spawn_mirror_wait(&dir, "broken", &ssock, dst.port(), &["--max-bps", "1000000"]);
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until
+        && !fs::read_to_string(dir.join("broken.out")).unwrap_or_default().contains("bytes left")
+    {
+        thread::sleep(Duration::from_millis(100));
+    }
+    cli(&["break", "-s", s(&ssock)]).assert_success("flexnbd break");
+    let (st, out, err) = finish_mirror_wait(&dir, "broken", &mut m, CLI_TIMEOUT);
+    assert!(
+        !st.success(),
+        "mirror --wait must fail when the migration is broken: stdout {out:?} stderr {err:?}"
+    );
+    assert!(out.starts_with("Migration started\n"), "mirror --wait stdout: {out:?}");
+    let progress = out.lines().find(|l| l.contains("bytes left")).unwrap_or_else(|| {
+        panic!("mirror --wait printed no progress line in 15 s: {out:?}");
+    });
+    assert!(
+        progress.contains('%') && progress.contains("B/s") && progress.contains("ETA"),
+        "progress line {progress:?}"
+    );
+    assert!(err.contains("mirror stopped"), "mirror --wait stderr after break: {err:?}");
+    src.assert_alive("after break");
+    assert_eq!(field(&status(&ssock), "is_mirroring"), "false");
+
+    // Unthrottled: the waiting client exits 0 once the handover completed.
+    let mut m = spawn_mirror_wait(&dir, "done", &ssock, dst.port(), &[]);
+    let (st, out, err) = finish_mirror_wait(&dir, "done", &mut m, MIGRATION_TIMEOUT);
+    assert!(st.success(), "mirror --wait after a completed migration: {st:?} stdout {out:?} stderr {err:?}");
+    assert!(out.starts_with("Migration started\n"), "mirror --wait stdout: {out:?}");
+    assert!(out.contains("migration complete"), "mirror --wait stdout: {out:?}");
+    assert_migration_completes(&mut src, &mut dst);
+    assert_files_equal(&src_file, &dst_file);
+}
+
+#[test]
+fn mirror_wait_fails_when_the_source_dies() {
+    let dir = TempDir::new("mirror-wait-dies");
+    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
+    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    make_random_file(&src_file, 16 * MIB, 92);
+    make_sparse_file(&dst_file, 16 * MIB);
+    let mut src = serve(&src_file, &ssock);
+    let dst = listen(&dst_file, Some(&dsock), &[]);
+    let mut m = spawn_mirror_wait(&dir, "dies", &ssock, dst.port(), &["--max-bps", "1000000"]);
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until
+        && !fs::read_to_string(dir.join("dies.out")).unwrap_or_default().contains("started")
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    src.stop_with(libc::SIGKILL, IO_TIMEOUT);
+    let (st, out, err) = finish_mirror_wait(&dir, "dies", &mut m, CLI_TIMEOUT);
+    assert!(!st.success(), "mirror --wait must fail when the source dies: stdout {out:?} stderr {err:?}");
+    assert!(err.contains("went away"), "mirror --wait stderr: {err:?}");
+}

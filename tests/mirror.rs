@@ -806,6 +806,25 @@ fn nothing_listening_is_reported_as_failed_to_connect() {
 }
 
 #[test]
+fn a_destination_that_never_says_hello_is_reported_as_not_responding() {
+    let dir = TempDir::new("mirror-silent");
+    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
+    make_random_file(&src_file, MIB, 72);
+    let mut src = serve(&src_file, &src_sock);
+    // Accepts (the kernel completes the handshake from the backlog) and never writes a byte.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("local_addr").port();
+    let t0 = Instant::now();
+    let out = mirror(&src_sock, port, &[]);
+    assert!(!out.success(), "mirror to a silent peer must fail; stdout {:?}", out.stdout);
+    assert!(out.stderr.contains("Remote server failed to respond"), "silent peer: stderr {:?}", out.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?} to give up", t0.elapsed());
+    assert_eq!(field(&status(&src_sock), "is_mirroring"), "false");
+    src.assert_alive("after a silent destination");
+    drop(silent);
+}
+
+#[test]
 fn unlink_removes_the_source_file_after_success() {
     const SIZE: u64 = 8 * MIB;
     let dir = TempDir::new("mirror-unlink");

@@ -15,6 +15,6 @@ fuzz_target!(|buf: &[u8]| {
             panic!("invariant broken: {e}");
         }
     } else {
-        let _ = flexnbd::conn::sim::run(input, false);
+        let _ = flexnbd::conn::sim::drive(input, false);
     }
 });

@@ -533,7 +533,10 @@ impl<S: Stream> ClientConn<S> {
         let end = req.offset.checked_add(len);
         let inside = end.is_some_and(|e| e <= size);
         let ro = ctx.export.read_only();
-        if req.flags & !KNOWN_CMD_FLAGS != 0 {
+        // A DISC never gets a reply, so flags we do not know cannot be refused there: the
+        // client is leaving either way (an EINVAL would answer a request it thinks it never
+        // has to wait for, and we would go on reading after it said goodbye).
+        if req.flags & !KNOWN_CMD_FLAGS != 0 && req.kind != Cmd::Disc as u16 {
             return self.refuse(req, NbdErr::Inval);
         }
         let Some(cmd) = req.cmd() else {

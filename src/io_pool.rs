@@ -84,12 +84,33 @@ impl Completion {
 }
 
 /// Queued jobs: clients' first, so a migration's big reads never delay a client request by
-/// more than the one already running.
+/// more than the one already running. Clients that keep every worker busy would starve the
+/// migration for good, though, so a waiting background job gets one pick in `BACK_EVERY`.
 #[derive(Default)]
 struct Queues {
     front: VecDeque<Job>,
     back: VecDeque<Job>,
     closing: bool,
+    /// Client jobs picked in a row while a background job waited.
+    passed_over: u32,
+}
+
+const BACK_EVERY: u32 = 16;
+
+impl Queues {
+    fn pop(&mut self) -> Option<Job> {
+        if self.back.is_empty() {
+            return self.front.pop_front();
+        }
+        if self.passed_over < BACK_EVERY
+            && let Some(j) = self.front.pop_front()
+        {
+            self.passed_over += 1;
+            return Some(j);
+        }
+        self.passed_over = 0;
+        self.back.pop_front()
+    }
 }
 
 struct Shared {
@@ -170,7 +191,7 @@ fn worker(s: &Shared) {
         let job = {
             let mut q = lock(&s.jobs);
             loop {
-                if let Some(j) = q.front.pop_front().or_else(|| q.back.pop_front()) {
+                if let Some(j) = q.pop() {
                     break j;
                 }
                 if q.closing {
@@ -230,4 +251,32 @@ fn read_sparse(e: &Export, buf: &mut [u8], offset: u64) -> io::Result<Vec<Extent
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(cookie: u64) -> Job {
+        let conn = crate::token::ConnId { token: mio::Token(1), generation: 1 };
+        Job { conn, cookie, op: Op::Flush, buf: Vec::new() }
+    }
+
+    #[test]
+    fn clients_first_but_background_is_never_starved() {
+        let mut q = Queues::default();
+        q.back.push_back(job(1000));
+        for c in 0..40 {
+            q.front.push_back(job(c));
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.cookie).collect();
+        let at = order.iter().position(|&c| c == 1000);
+        assert_eq!(at, Some(BACK_EVERY as usize), "order: {order:?}");
+        assert_eq!(order.len(), 41);
+        // Alone, a background job goes at once; with no background job, clients keep order.
+        q.back.push_back(job(7));
+        assert_eq!(q.pop().map(|j| j.cookie), Some(7));
+        q.front.extend([job(1), job(2)]);
+        assert_eq!(q.pop().map(|j| j.cookie), Some(1));
+    }
 }

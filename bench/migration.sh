@@ -50,8 +50,9 @@ RESULTS_MD=${RESULTS_MD-$HERE/migration-results.md}
 KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 
-log() { printf '[migbench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
+LOG_TAG=migbench
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad SIZE=$SIZE"
 MIB=$((1024 * 1024))
@@ -65,21 +66,9 @@ for t in nbdinfo nbdcopy fio python3 numfmt timeout cmp; do
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine"
 
-if [[ -z ${FLEXNBD:-} ]]; then
-    log "building flexnbd (cargo build --release)"
-    (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
-    FLEXNBD=$REPO/target/release/flexnbd
-fi
-[[ -x $FLEXNBD ]] || die "flexnbd binary not found: $FLEXNBD"
+build_flexnbd
 
-# Same lock as bench/run.sh: one benchmark at a time per machine.
-if command -v flock >/dev/null; then
-    exec 9>"${TMPDIR:-/tmp}/flexnbd-bench.lock"
-    if ! flock -n 9; then
-        log "another benchmark holds the lock; waiting up to ${LOCK_WAIT:-3600} s (LOCK_WAIT)"
-        flock -w "${LOCK_WAIT:-3600}" 9 || die "gave up waiting for the other benchmark run"
-    fi
-fi
+take_bench_lock
 
 base=${TMPDIR:-/tmp}
 if [[ -d /dev/shm && -w /dev/shm ]] \
@@ -91,24 +80,6 @@ mkdir -p "$BENCH_DIR/logs"
 RAW=$BENCH_DIR/raw.tsv; : >"$RAW"
 NOTES=$BENCH_DIR/notes.txt; : >"$NOTES"
 
-STARTED_PIDS=()
-kill_pid() {      # TERM, wait up to 5 s, then KILL; only our own PIDs
-    local pid=$1 i
-    [[ -n $pid ]] || return 0
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM; sending SIGKILL"; kill -KILL "$pid" 2>/dev/null
-    fi
-    wait "$pid" 2>/dev/null
-    return 0
-}
-forget_pid() {
-    local p keep=()
-    for p in "${STARTED_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    STARTED_PIDS=("${keep[@]}")
-}
 cleanup() {
     local pid
     for pid in "${STARTED_PIDS[@]}"; do kill_pid "$pid"; done
@@ -124,12 +95,6 @@ record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RAW"; }        # ROUND METRI
 fail()   { log "FAIL r$1 $2: $3"; record "$1" "$2" nan; FAILURES=$((FAILURES + 1)); }
 note()   { log "NOTE: $*"; printf '%s\n' "$*" >>"$NOTES"; }
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-now() { echo "$EPOCHREALTIME"; }
-elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2])-float(sys.argv[1]):.6f}")' "$1" "$2"; }
-calc() { python3 -c "print(f'{($1):.6g}')"; }
 
 # Wait (bounded) for a PID we started to exit; its status in WAIT_RC ("timeout" if it did
 # not). Not a $(...) helper: a subshell cannot wait for our children.

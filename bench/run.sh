@@ -53,8 +53,9 @@ NICE=${NICE:-0}
 CMD_TIMEOUT=${CMD_TIMEOUT:-300}
 KEEP=${KEEP:-0}
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
+LOG_TAG=bench
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- checks
 SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad SIZE=$SIZE"
@@ -88,22 +89,10 @@ if (( NICE != 0 )); then
 fi
 
 if has_server flexnbd; then
-    if [[ -z ${FLEXNBD:-} ]]; then
-        log "building flexnbd (cargo build --release)"
-        (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
-        FLEXNBD=$REPO/target/release/flexnbd
-    fi
-    [[ -x $FLEXNBD ]] || die "flexnbd binary not found: $FLEXNBD"
+    build_flexnbd
 fi
 
-# One benchmark at a time per machine: concurrent runs would skew each other's numbers.
-if command -v flock >/dev/null; then
-    exec 9>"${TMPDIR:-/tmp}/flexnbd-bench.lock"
-    if ! flock -n 9; then
-        log "another bench/run.sh is running; waiting up to ${LOCK_WAIT:-3600} s (LOCK_WAIT)"
-        flock -w "${LOCK_WAIT:-3600}" 9 || die "gave up waiting for the other benchmark run"
-    fi
-fi
+take_bench_lock
 
 # ---------------------------------------------------------------- scratch + cleanup
 if [[ -n ${BENCH_DIR:-} ]]; then
@@ -127,27 +116,6 @@ META=$BENCH_DIR/meta.tsv
 : >"$RAW"; : >"$META"
 
 STARTED_PIDS=()   # every background process this script started (servers, samplers)
-kill_pid() {      # kill_pid PID: TERM, wait up to 5 s, then KILL; only for our own PIDs
-    local pid=$1 i
-    [[ -n $pid ]] || return 0
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null
-    fi
-    wait "$pid" 2>/dev/null
-    return 0
-}
-forget_pid() {    # drop PID from STARTED_PIDS (after it was killed/reaped)
-    local p keep=()
-    for p in "${STARTED_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    STARTED_PIDS=("${keep[@]}")
-}
 cleanup() {
     local pid
     for pid in "${STARTED_PIDS[@]}"; do kill_pid "$pid"; done
@@ -173,15 +141,6 @@ fail() {     # fail ROUND SERVER METRIC MESSAGE
     FAILURES=$((FAILURES + 1))
 }
 
-free_port() {
-    python3 - <<'EOF'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-EOF
-}
 port_is_free() {
     python3 -c 'import socket,sys
 s=socket.socket()
@@ -223,9 +182,6 @@ busy_pct() {  # whole-machine CPU busy % over 1 s (taken while our servers sit i
     (( tot > 0 )) && echo $(( (tot - idle) * 100 / tot )) || echo 0
 }
 
-now() { echo "$EPOCHREALTIME"; }
-elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2])-float(sys.argv[1]):.6f}")' "$1" "$2"; }
-calc() { python3 -c "import sys; print(f'{($1):.6g}')"; }
 
 # ---------------------------------------------------------------- data
 log "scratch dir $BENCH_DIR; SIZE=$SIZE ($SIZE_BYTES bytes) ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP SERVERS='${SERVER_LIST[*]}'"

@@ -1066,6 +1066,16 @@ fn finish_mirror_wait(
     (st, out, err)
 }
 
+/// Waits (bounded by `within`) until the `mirror --wait` child's stdout contains `needle`.
+fn wait_for_mirror_output(dir: &TempDir, tag: &str, needle: &str, within: Duration) {
+    let until = Instant::now() + within;
+    while Instant::now() < until
+        && !fs::read_to_string(dir.join(&format!("{tag}.out"))).unwrap_or_default().contains(needle)
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn mirror_wait_reports_progress_and_exits_zero_only_on_handover() {
     let dir = TempDir::new("mirror-wait");
@@ -1079,12 +1089,7 @@ fn mirror_wait_reports_progress_and_exits_zero_only_on_handover() {
     // Slow enough to outlast a progress line (every 5 s when stdout is not a terminal), then
     // stopped with `break`: the waiting client exits non-zero and the source keeps serving.
     let mut m = spawn_mirror_wait(&dir, "broken", &ssock, dst.port(), &["--max-bps", "1000000"]);
-    let until = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < until
-        && !fs::read_to_string(dir.join("broken.out")).unwrap_or_default().contains("bytes left")
-    {
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_mirror_output(&dir, "broken", "bytes left", Duration::from_secs(15));
     cli(&["break", "-s", s(&ssock)]).assert_success("flexnbd break");
     let (st, out, err) = finish_mirror_wait(&dir, "broken", &mut m, CLI_TIMEOUT);
     assert!(
@@ -1123,12 +1128,7 @@ fn mirror_wait_fails_when_the_source_dies() {
     let mut src = serve(&src_file, &ssock);
     let dst = listen(&dst_file, Some(&dsock), &[]);
     let mut m = spawn_mirror_wait(&dir, "dies", &ssock, dst.port(), &["--max-bps", "1000000"]);
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until
-        && !fs::read_to_string(dir.join("dies.out")).unwrap_or_default().contains("started")
-    {
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_mirror_output(&dir, "dies", "started", Duration::from_secs(10));
     src.stop_with(libc::SIGKILL, IO_TIMEOUT);
     let (st, out, err) = finish_mirror_wait(&dir, "dies", &mut m, CLI_TIMEOUT);
     assert!(!st.success(), "mirror --wait must fail when the source dies: stdout {out:?} stderr {err:?}");

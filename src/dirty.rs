@@ -26,10 +26,6 @@ impl DirtyMap {
         DirtyMap { words: vec![0; bits.div_ceil(64) as usize], size, grain, count: 0, first_word: 0 }
     }
 
-    pub fn grain(&self) -> u64 {
-        self.grain
-    }
-
     /// Marks every grain touching [off, off+len).
     pub fn mark(&mut self, off: u64, len: u64) {
         if len == 0 || off >= self.size {
@@ -127,11 +123,11 @@ mod tests {
 
     #[test]
     fn grain_grows_only_past_64_gib() {
-        assert_eq!(DirtyMap::new(1000).grain(), 4096);
-        assert_eq!(DirtyMap::new(64 << 30).grain(), 4096);
-        assert_eq!(DirtyMap::new((64 << 30) + 1).grain(), 8192);
+        assert_eq!(DirtyMap::new(1000).grain, 4096);
+        assert_eq!(DirtyMap::new(64 << 30).grain, 4096);
+        assert_eq!(DirtyMap::new((64 << 30) + 1).grain, 8192);
         let big = DirtyMap::new(1 << 40);
-        assert_eq!(big.grain(), 64 * 1024);
+        assert_eq!(big.grain, 64 * 1024);
         assert!(big.words.len() * 8 <= 2 << 20);
     }
 

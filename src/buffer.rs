@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
+use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 
 /// Smallest buffer worth keeping (reply headers and such are cheaper to allocate).
 const MIN_POOLED: usize = 4096;
@@ -71,11 +72,76 @@ impl BufPool {
 /// Most buffers handed to one writev.
 const MAX_IOV: usize = 64;
 
-/// Buffers waiting to be written to a socket, sent with writev.
+/// What a socket must offer to send a queue: gathered writes that may say more follows at
+/// once, and file ranges sent straight from the page cache.
+pub trait Sink: Write {
+    /// Like `write_vectored`; `more` asks the kernel to hold a partial segment back because
+    /// the next send continues it (a reply header followed by its file data).
+    fn send_more(&mut self, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize>;
+    /// Sends up to `len` bytes of `file` from `offset` without copying them through us.
+    fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize>;
+}
+
+/// `Sink` for any socket, by descriptor.
+pub fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec; the kernel only reads through these pointers.
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    // SAFETY: msg points at live iovecs for the duration of the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// `Sink::send_file` for any socket, by descriptor.
+pub fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+    let mut off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: both descriptors are open; `off` is a live off_t the kernel advances.
+    let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut off, len) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+macro_rules! socket_sink {
+    ($($t:ty),*) => {$(
+        impl Sink for $t {
+            fn send_more(&mut self, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+                sendmsg_more(self.as_raw_fd(), iov, more)
+            }
+            fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+                sendfile(self.as_raw_fd(), file, offset, len)
+            }
+        }
+    )*};
+}
+socket_sink!(mio::net::TcpStream, mio::net::UnixStream);
+
+/// One queued piece of output.
+enum Chunk {
+    Mem(Vec<u8>),
+    /// A range of the served file, sent with sendfile when its turn comes.
+    File {
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Mem(b) => b.len(),
+            Chunk::File { len, .. } => *len,
+        }
+    }
+}
+
+/// Output waiting to be written to a socket: buffers go out with (gathered) writes, file
+/// ranges with sendfile.
 #[derive(Default)]
 pub struct OutQueue {
-    bufs: VecDeque<Vec<u8>>,
-    /// Bytes of the front buffer already written.
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
     pos: usize,
     bytes: usize,
 }
@@ -83,11 +149,19 @@ pub struct OutQueue {
 impl OutQueue {
     pub fn push(&mut self, b: Vec<u8>) {
         self.bytes += b.len();
-        self.bufs.push_back(b);
+        self.chunks.push_back(Chunk::Mem(b));
+    }
+
+    /// Queues `len` bytes of the served file from `offset`; they are read when sent.
+    pub fn push_file(&mut self, offset: u64, len: usize) {
+        if len > 0 {
+            self.bytes += len;
+            self.chunks.push_back(Chunk::File { offset, len });
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bufs.is_empty()
+        self.chunks.is_empty()
     }
 
     /// Bytes still to write.
@@ -100,17 +174,47 @@ impl OutQueue {
     }
 
     /// Writes until the queue is empty (`Ok(false)`) or the socket is full (`Ok(true)`).
-    /// Fully written buffers go back to `pool`, if one is given.
-    pub fn write_to(&mut self, w: &mut impl Write, mut pool: Option<&mut BufPool>) -> io::Result<bool> {
-        while !self.bufs.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for (i, b) in self.bufs.iter().take(MAX_IOV).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &b[self.pos..] } else { b });
-                n += 1;
-            }
-            match w.write_vectored(&iov[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+    /// Fully written buffers go back to `pool`, if one is given; file chunks are read from
+    /// `file`, which must be given if any were queued.
+    pub fn write_to(
+        &mut self,
+        w: &mut impl Sink,
+        mut pool: Option<&mut BufPool>,
+        file: Option<BorrowedFd<'_>>,
+    ) -> io::Result<bool> {
+        while let Some(front) = self.chunks.front() {
+            let r = match *front {
+                Chunk::File { offset, len } => {
+                    let file = file.ok_or_else(|| io::Error::other("file data queued without a file"))?;
+                    match w.send_file(file, offset + self.pos as u64, len - self.pos) {
+                        // The file ended under us: the reply already promised these bytes.
+                        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "served file shrank")),
+                        r => r,
+                    }
+                }
+                Chunk::Mem(_) => {
+                    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                    let mut n = 0;
+                    let mut more = false;
+                    for c in self.chunks.iter().take(MAX_IOV) {
+                        match c {
+                            Chunk::Mem(b) => {
+                                iov[n] = IoSlice::new(if n == 0 { &b[self.pos..] } else { b });
+                                n += 1;
+                            }
+                            Chunk::File { .. } => {
+                                more = true;
+                                break;
+                            }
+                        }
+                    }
+                    match w.send_more(&iov[..n], more) {
+                        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                        r => r,
+                    }
+                }
+            };
+            match r {
                 Ok(k) => self.advance(k, pool.as_deref_mut()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -122,7 +226,7 @@ impl OutQueue {
 
     fn advance(&mut self, mut k: usize, mut pool: Option<&mut BufPool>) {
         while k > 0 {
-            let Some(front) = self.bufs.front() else { return };
+            let Some(front) = self.chunks.front() else { return };
             let left = front.len() - self.pos;
             if k < left {
                 self.pos += k;
@@ -131,7 +235,7 @@ impl OutQueue {
             k -= left;
             self.bytes -= front.len();
             self.pos = 0;
-            if let (Some(b), Some(p)) = (self.bufs.pop_front(), pool.as_deref_mut()) {
+            if let (Some(Chunk::Mem(b)), Some(p)) = (self.chunks.pop_front(), pool.as_deref_mut()) {
                 p.give(b);
             }
         }
@@ -164,6 +268,76 @@ mod tests {
         }
     }
 
+    impl Sink for Trickle {
+        fn send_more(&mut self, iov: &[IoSlice<'_>], _more: bool) -> io::Result<usize> {
+            self.write_vectored(iov)
+        }
+        fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::from(file.try_clone_to_owned()?);
+            let mut b = vec![0u8; len.min(self.cap)];
+            let n = f.read_at(&mut b, offset)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.write(&b[..n])
+        }
+    }
+
+    fn memfd_with(data: &[u8]) -> std::fs::File {
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: memfd_create with a static name; the fd is wrapped at once.
+        let fd = unsafe { libc::memfd_create(c"flexnbd-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.write_all(data).unwrap();
+        f
+    }
+
+    #[test]
+    fn out_queue_sends_file_ranges_in_order() {
+        use std::os::unix::io::AsFd;
+        let f = memfd_with(b"0123456789");
+        let mut q = OutQueue::default();
+        q.push(b"hdr".to_vec());
+        q.push_file(2, 5);
+        q.push(b"tail".to_vec());
+        q.push_file(9, 1);
+        assert_eq!(q.bytes(), 13);
+        let mut w = Trickle { got: Vec::new(), cap: 2, block_next: false };
+        let mut rounds = 0;
+        while q.write_to(&mut w, None, Some(f.as_fd())).unwrap() {
+            rounds += 1;
+            assert!(rounds < 100);
+        }
+        assert_eq!(w.got, b"hdr23456tail9");
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn out_queue_reports_a_file_that_shrank() {
+        use std::os::unix::io::AsFd;
+        let f = memfd_with(b"0123");
+        let mut q = OutQueue::default();
+        q.push_file(2, 5);
+        let mut w = Trickle { got: Vec::new(), cap: 64, block_next: false };
+        let mut err = None;
+        for _ in 0..10 {
+            match q.write_to(&mut w, None, Some(f.as_fd())) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
+        assert!(q.write_to(&mut w, None, None).is_err(), "file data without a file is an error");
+    }
+
     #[test]
     fn out_queue_survives_partial_writes() {
         let mut q = OutQueue::default();
@@ -172,7 +346,7 @@ mod tests {
         q.push(b"world".to_vec());
         let mut w = Trickle { got: Vec::new(), cap: 4, block_next: false };
         let mut rounds = 0;
-        while q.write_to(&mut w, None).unwrap() {
+        while q.write_to(&mut w, None, None).unwrap() {
             rounds += 1;
             assert!(rounds < 100);
         }

@@ -6,7 +6,7 @@ use crate::error::Error;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -22,6 +22,31 @@ pub struct Export {
     can_zero_range: AtomicBool,
     /// Cleared when the kernel rejects RWF_NOWAIT, so reads go straight to the pool.
     can_nowait: AtomicBool,
+    /// Cleared when the kernel has no cachestat(2) (before 6.5), so nothing is sent with
+    /// sendfile: without it we cannot know that sendfile will not wait for the disk.
+    can_cachestat: AtomicBool,
+    /// The page size cachestat counts in.
+    page: u64,
+}
+
+/// cachestat(2): the same number on every architecture (added after the syscall tables were
+/// unified); the libc crate does not name it for x86_64.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
 }
 
 /// One base:allocation extent: (length, NBD state bits).
@@ -54,6 +79,9 @@ impl Export {
             can_punch: AtomicBool::new(true),
             can_zero_range: AtomicBool::new(true),
             can_nowait: AtomicBool::new(true),
+            can_cachestat: AtomicBool::new(true),
+            // SAFETY: sysconf has no preconditions.
+            page: u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(512),
         })
     }
 
@@ -72,6 +100,41 @@ impl Export {
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The file, for sendfile.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Whether every page of the range is in the page cache, so that sendfile from it will not
+    /// wait for the disk. False when the kernel cannot tell (no cachestat).
+    pub fn cached(&self, off: u64, len: usize) -> bool {
+        if len == 0 || !self.can_cachestat.load(Ordering::Relaxed) {
+            return false;
+        }
+        let range = CachestatRange { off, len: len as u64 };
+        let mut st = Cachestat::default();
+        // SAFETY: cachestat reads `range` and fills `st`, both live for the call.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.fd(),
+                &range as *const CachestatRange,
+                &mut st as *mut Cachestat,
+                0,
+            )
+        };
+        if r != 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                self.can_cachestat.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let first = off / self.page;
+        let last = off.saturating_add(len as u64 - 1) / self.page;
+        let pages = last - first + 1;
+        st.nr_cache >= pages
     }
 
     /// Fills `buf` from `off`; a short read means the file shrank under us, which is an I/O error.

@@ -34,6 +34,12 @@ const READ_BUDGET: usize = 16;
 /// Reads at most this big may be served inline from the page cache on the reactor thread;
 /// bigger ones would hold up every other connection for the memcpy.
 const INLINE_READ_MAX: usize = 128 * 1024;
+/// Reads at least this big whose pages are all cached are sent with sendfile. Smaller ones are
+/// cheaper copied: their replies share one writev, where each sendfile is a syscall of its own.
+const SENDFILE_MIN: usize = 32 * 1024;
+/// From this size on, a WRITE's payload is worth a read of its own (see `bulk_writes`); below
+/// it, reading many small requests at once and copying their payloads out is cheaper.
+const BULK_WRITE: usize = 32 * 1024;
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
 const KNOWN_CMD_FLAGS: u16 =
@@ -93,6 +99,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     carry: Vec<u8>,
     /// `carry` holds only an incomplete frame: parsing it again without new bytes is useless.
     carry_stale: bool,
+    /// The last request was a WRITE of at least BULK_WRITE bytes: expect another.
+    bulk_writes: bool,
     out: OutQueue,
     in_flight: usize,
     in_flight_bytes: usize,
@@ -129,6 +137,7 @@ impl<S: Stream> ClientConn<S> {
             incoming: Incoming::Header,
             carry: Vec::new(),
             carry_stale: true,
+            bulk_writes: false,
             out: OutQueue::default(),
             in_flight: 0,
             in_flight_bytes: 0,
@@ -231,7 +240,7 @@ impl<S: Stream> ClientConn<S> {
 
     /// Sends queued output and reports whether the connection is done.
     pub fn flush(&mut self, ctx: &mut Ctx) -> Next {
-        if let Err(e) = self.write_out(ctx.bufs) {
+        if let Err(e) = self.write_out(ctx) {
             return self.fail(Fatal::Io(e));
         }
         if self.finished() {
@@ -280,14 +289,22 @@ impl<S: Stream> ClientConn<S> {
                     }
                 }
                 Incoming::Payload { buf, filled, .. } => {
-                    match read_some(&mut self.stream, &mut buf[*filled..])? {
+                    // The next request's header comes in the same read, if it is there already.
+                    let mut next = [0u8; tx::REQUEST_LEN];
+                    let want = buf.len() - *filled;
+                    match read_some_vectored(&mut self.stream, &mut buf[*filled..], &mut next)? {
                         None => self.read_ready = false,
                         Some(n) => {
                             // A short read drained the socket; the next byte brings a new edge.
-                            if n < buf.len() - *filled && !self.hup {
+                            if n < want + next.len() && !self.hup {
                                 self.read_ready = false;
                             }
-                            *filled += n;
+                            let p = n.min(want);
+                            *filled += p;
+                            if n > p {
+                                self.carry.extend_from_slice(&next[..n - p]);
+                                self.carry_stale = false;
+                            }
                             if *filled == buf.len() {
                                 self.payload_complete(ctx);
                             }
@@ -318,12 +335,15 @@ impl<S: Stream> ClientConn<S> {
         self.carry.clear();
         let mut n = c;
         let mut eof = false;
-        if self.read_ready && c < sbuf.len() {
-            match read_some(&mut self.stream, &mut sbuf[c..]) {
+        // While big WRITEs stream in, read no further than the next header, so that its
+        // payload goes straight into its own buffer instead of being copied out of ours.
+        let limit = if self.bulk_writes { tx::REQUEST_LEN.max(c) } else { sbuf.len() };
+        if self.read_ready && c < limit {
+            match read_some(&mut self.stream, &mut sbuf[c..limit]) {
                 Ok(Some(k)) => {
                     // A short read drained the socket (saves an EAGAIN read per request); with
                     // edge-triggered readiness, anything arriving later raises a new event.
-                    if k < sbuf.len() - c && !self.hup {
+                    if k < limit - c && !self.hup {
                         self.read_ready = false;
                     }
                     n += k;
@@ -528,6 +548,7 @@ impl<S: Stream> ClientConn<S> {
 
     fn handle_request(&mut self, ctx: &mut Ctx, req: Request) {
         *ctx.requests += 1;
+        self.bulk_writes = req.kind == Cmd::Write as u16 && req.len as usize >= BULK_WRITE;
         let size = ctx.export.size();
         let len = u64::from(req.len);
         let end = req.offset.checked_add(len);
@@ -634,6 +655,9 @@ impl<S: Stream> ClientConn<S> {
 
     fn start_read(&mut self, ctx: &mut Ctx, req: Request) {
         let len = req.len as usize;
+        if len >= SENDFILE_MIN && ctx.export.cached(req.offset, len) {
+            return self.reply_from_file(req);
+        }
         let at = if self.structured { tx::CHUNK_HEADER_LEN + 8 } else { tx::SIMPLE_REPLY_LEN };
         let mut buf = ctx.bufs.take(at + len);
         if len <= INLINE_READ_MAX
@@ -649,6 +673,27 @@ impl<S: Stream> ClientConn<S> {
         // wait for the disk. Where it doesn't (tmpfs), a small read may run inline like a write.
         let inline_ok = !ctx.export.nowait_reads();
         self.submit_with(ctx, req, Op::Read { offset: req.offset, at, len }, buf, inline_ok);
+    }
+
+    /// Answers a read whose data is all in the page cache: the header now, the data straight
+    /// from the file when the socket takes it (sendfile). No disk job, no copy through us.
+    /// The data is what the file holds when it is sent; anything written to the range by then
+    /// was sent while this read was still unanswered, which NBD leaves unordered anyway.
+    fn reply_from_file(&mut self, req: Request) {
+        let mut h = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 8);
+        if self.structured {
+            h.extend_from_slice(&tx::encode_chunk_header(
+                REPLY_FLAG_DONE,
+                CHUNK_OFFSET_DATA,
+                req.cookie,
+                8 + req.len,
+            ));
+            h.extend_from_slice(&req.offset.to_be_bytes());
+        } else {
+            h.extend_from_slice(&tx::encode_simple_reply(0, req.cookie));
+        }
+        self.push_out(h);
+        self.out.push_file(req.offset, req.len as usize);
     }
 
     fn submit(&mut self, ctx: &mut Ctx, req: Request, op: Op, buf: Vec<u8>) {
@@ -743,9 +788,10 @@ impl<S: Stream> ClientConn<S> {
     }
 
     /// Writes queued replies with writev until done or the socket is full.
-    fn write_out(&mut self, bufs: &mut crate::buffer::BufPool) -> io::Result<()> {
+    fn write_out(&mut self, ctx: &mut Ctx) -> io::Result<()> {
         if !self.write_blocked {
-            self.write_blocked = self.out.write_to(&mut self.stream, Some(bufs))?;
+            self.write_blocked =
+                self.out.write_to(&mut self.stream, Some(ctx.bufs), Some(ctx.export.as_fd()))?;
         }
         Ok(())
     }
@@ -755,6 +801,19 @@ impl<S: Stream> ClientConn<S> {
 fn read_some(s: &mut impl Read, buf: &mut [u8]) -> Result<Option<usize>, Fatal> {
     loop {
         match s.read(buf) {
+            Ok(0) => return Err(Fatal::Eof),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Fatal::Io(e)),
+        }
+    }
+}
+
+/// Like `read_some`, filling `a` first and then `b`.
+fn read_some_vectored(s: &mut impl Read, a: &mut [u8], b: &mut [u8]) -> Result<Option<usize>, Fatal> {
+    loop {
+        match s.read_vectored(&mut [io::IoSliceMut::new(a), io::IoSliceMut::new(b)]) {
             Ok(0) => return Err(Fatal::Eof),
             Ok(n) => return Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),

@@ -746,7 +746,7 @@ impl Mirror {
     fn write_out(&mut self) -> io::Result<()> {
         let Some(s) = self.stream.as_mut() else { return Ok(()) };
         if self.state != State::Connecting && !self.write_blocked {
-            self.write_blocked = self.out.write_to(s, Some(&mut self.bufs))?;
+            self.write_blocked = self.out.write_to(s, Some(&mut self.bufs), None)?;
         }
         Ok(())
     }

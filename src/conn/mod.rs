@@ -101,8 +101,8 @@ impl InlineIo {
 }
 
 /// A byte stream a connection can be driven over.
-pub trait Stream: std::io::Read + std::io::Write + mio::event::Source {}
-impl<T: std::io::Read + std::io::Write + mio::event::Source> Stream for T {}
+pub trait Stream: std::io::Read + crate::buffer::Sink + mio::event::Source {}
+impl<T: std::io::Read + crate::buffer::Sink + mio::event::Source> Stream for T {}
 
 /// Where connections send disk jobs: the worker pool, or (in the stateful fuzz target) a queue
 /// the harness runs itself.

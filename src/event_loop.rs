@@ -216,7 +216,9 @@ impl Server {
             // Right after activity, poll without sleeping for a moment: a sleeping vCPU takes
             // tens of microseconds to wake, which dominates a one-request-at-a-time client.
             // Once nothing happens for SPIN, block as usual (an idle server uses no CPU).
-            if !events.is_empty() {
+            // Not while disk jobs are out: their completions wake us anyway, and spinning
+            // then only takes CPU from the workers and the clients.
+            if !events.is_empty() && !self.core.pool.busy() {
                 self.spin_until = Some(Instant::now() + SPIN);
             } else if self.spin_until.is_some_and(|t| Instant::now() >= t) {
                 self.spin_until = None;

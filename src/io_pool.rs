@@ -111,8 +111,16 @@ fn in_write_lane(job: &Job) -> bool {
 }
 
 impl Queues {
-    fn push(&mut self, job: Job) {
-        if in_write_lane(&job) { self.writes.push_back(job) } else { self.front.push_back(job) }
+    /// Queues a client job; false when it cannot run before the running write finishes (whose
+    /// worker then takes it), so that no other worker need be woken for it.
+    fn push(&mut self, job: Job) -> bool {
+        if in_write_lane(&job) {
+            self.writes.push_back(job);
+            !self.writing
+        } else {
+            self.front.push_back(job);
+            true
+        }
     }
 
     fn pop(&mut self) -> Option<Job> {
@@ -147,6 +155,8 @@ struct Shared {
 pub struct IoPool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Client jobs submitted and not yet drained (the reactor is the only caller of both).
+    outstanding: std::cell::Cell<usize>,
 }
 
 impl IoPool {
@@ -168,12 +178,15 @@ impl IoPool {
                 .spawn(move || worker(&s))?;
             threads.push(t);
         }
-        Ok(IoPool { shared, threads })
+        Ok(IoPool { shared, threads, outstanding: std::cell::Cell::new(0) })
     }
 
     pub fn submit(&self, job: Job) {
-        lock(&self.shared.jobs).push(job);
-        self.shared.cond.notify_one();
+        self.outstanding.set(self.outstanding.get() + 1);
+        let runnable = lock(&self.shared.jobs).push(job);
+        if runnable {
+            self.shared.cond.notify_one();
+        }
     }
 
     /// Queues a job that runs only when no client job is waiting.
@@ -186,6 +199,14 @@ impl IoPool {
     pub fn drain(&self, into: &mut Vec<Completion>) {
         let mut d = lock(&self.shared.done);
         std::mem::swap(&mut *d, into);
+        // Background jobs are the mirror's reads, and only those.
+        let client = into.iter().filter(|c| !matches!(c.job.op, Op::ReadSparse { .. })).count();
+        self.outstanding.set(self.outstanding.get().saturating_sub(client));
+    }
+
+    /// Whether a client job is out (its completion will wake the reactor).
+    pub fn busy(&self) -> bool {
+        self.outstanding.get() > 0
     }
 
     /// Stops the workers after the jobs already queued have run.
@@ -318,16 +339,19 @@ mod tests {
             j
         };
         let mut q = Queues::default();
-        q.push(write(1, false));
-        q.push(write(2, false));
-        q.push(job(3));
-        q.push(write(4, true));
+        assert!(q.push(write(1, false)), "the lane is free");
+        assert!(q.push(write(2, false)), "nothing runs yet");
+        assert!(q.push(job(3)));
+        assert!(q.push(write(4, true)), "FUA writes are not in the lane");
         assert_eq!(q.pop().map(|j| j.cookie), Some(1));
+        assert!(!q.push(write(5, false)), "waits for the running write");
         // While 1 runs, 2 waits; everything else goes ahead.
         assert_eq!(q.pop().map(|j| j.cookie), Some(3));
         assert_eq!(q.pop().map(|j| j.cookie), Some(4));
         assert!(q.pop().is_none());
         q.writing = false;
         assert_eq!(q.pop().map(|j| j.cookie), Some(2));
+        q.writing = false;
+        assert_eq!(q.pop().map(|j| j.cookie), Some(5));
     }
 }

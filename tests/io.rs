@@ -38,6 +38,47 @@ fn reads_return_file_contents() {
     assert_eq!(got, read_at(&big, MIB, 32 * MIB as usize));
 }
 
+/// Drops the file's clean pages from the page cache (ext4 and most disk filesystems; a no-op on
+/// tmpfs), so the next read of it must come from the disk.
+fn evict_from_cache(path: &std::path::Path) {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path).expect("open");
+    f.sync_all().expect("fsync");
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
+/// Big reads of cached data are sent straight from the file (sendfile), others are read by a
+/// disk worker: both must return the file's bytes, and a later read must see an acknowledged
+/// write, whichever way it goes.
+#[test]
+fn big_reads_are_right_from_disk_from_cache_and_after_writes() {
+    let size = 8 * MIB;
+    let (_dir, file) = served_random("bigread", size, 41);
+    evict_from_cache(&file);
+    let server = Server::start(&file, &[]);
+    let mut c = Nbd::connect(server.addr()).expect("connect");
+    let (off, len) = (MIB + 4096 * 3 + 17, 2 * MIB as u32);
+    let want = read_at(&file, off, len as usize);
+    let cold = c.read(off, len).expect("io").expect("read from disk");
+    assert!(cold == want, "read of uncached data differs from the file");
+    let warm = c.read(off, len).expect("io").expect("read from cache");
+    assert!(warm == want, "read of cached data differs from the file");
+
+    // A write, then overlapping reads sent after its reply.
+    let data = random_bytes(256 * 1024, 42);
+    assert_eq!(c.write(off + 1000, &data, 0).expect("io"), 0);
+    let mut expected = want.clone();
+    expected[1000..1000 + data.len()].copy_from_slice(&data);
+    for round in 0..3 {
+        let got = c.read(off, len).expect("io").expect("read after write");
+        assert!(got == expected, "round {round}: read after an acknowledged write misses it");
+    }
+    drop(c);
+    assert_file_range(&file, off, &expected, "file after the write");
+}
+
 #[test]
 fn writes_land_in_file_and_read_back() {
     let size = 4 * MIB;

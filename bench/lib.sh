@@ -51,6 +51,13 @@ forget_pid() {    # drop PID from STARTED_PIDS (after it was killed/reaped)
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+# Sets SIZE_BYTES and MIB from $SIZE (IEC suffixes), which must be whole MiB and >= 16M.
+parse_size() {
+    SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad SIZE=$SIZE"
+    MIB=$((1024 * 1024))
+    (( SIZE_BYTES >= 16 * MIB && SIZE_BYTES % MIB == 0 )) \
+        || die "SIZE must be a whole number of MiB and >= 16M (got $SIZE)"
+}
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2])-float(sys.argv[1]):.6f}")' "$1" "$2"; }
 calc() { python3 -c "print(f'{($1):.6g}')"; }

@@ -54,9 +54,7 @@ LOG_TAG=migbench
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
-SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad SIZE=$SIZE"
-MIB=$((1024 * 1024))
-(( SIZE_BYTES >= 16 * MIB && SIZE_BYTES % MIB == 0 )) || die "SIZE must be whole MiB and >= 16M"
+parse_size
 for v in ROUNDS LOAD_IOPS LOAD_DELAY BASE_RUNTIME LAT_RUNTIME CMD_TIMEOUT; do
     [[ ${!v} =~ ^[0-9]+$ ]] && (( ${!v} >= 1 )) || die "bad $v=${!v}"
 done

@@ -58,10 +58,7 @@ LOG_TAG=bench
 source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- checks
-SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad SIZE=$SIZE"
-MIB=$((1024 * 1024))
-(( SIZE_BYTES >= 16 * MIB && SIZE_BYTES % MIB == 0 )) \
-    || die "SIZE must be a whole number of MiB and >= 16M (got $SIZE)"
+parse_size
 [[ $ROUNDS =~ ^[0-9]+$ ]] && (( ROUNDS >= 1 )) || die "bad ROUNDS=$ROUNDS"
 [[ $RUNTIME =~ ^[0-9]+$ ]] && (( RUNTIME >= 1 )) || die "bad RUNTIME=$RUNTIME"
 [[ $RAMP =~ ^[0-9]+$ ]] || die "bad RAMP=$RAMP"

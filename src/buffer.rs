@@ -82,8 +82,8 @@ pub trait Sink: Write {
     fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize>;
 }
 
-/// `Sink` for any socket, by descriptor.
-pub fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+/// `Sink::send_more` for any socket, by descriptor.
+fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no address, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec; the kernel only reads through these pointers.
@@ -96,7 +96,7 @@ pub fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<us
 }
 
 /// `Sink::send_file` for any socket, by descriptor.
-pub fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both descriptors are open; `off` is a live off_t the kernel advances.
     let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut off, len) };
@@ -284,6 +284,16 @@ mod tests {
         }
     }
 
+    /// Writes `q` out, socket-full after socket-full, within a bounded number of rounds.
+    fn drain(q: &mut OutQueue, w: &mut Trickle, file: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        for _ in 0..100 {
+            if !q.write_to(w, None, file)? {
+                return Ok(());
+            }
+        }
+        panic!("the queue did not drain in 100 rounds");
+    }
+
     fn memfd_with(data: &[u8]) -> std::fs::File {
         use std::os::unix::io::FromRawFd;
         // SAFETY: memfd_create with a static name; the fd is wrapped at once.
@@ -306,11 +316,7 @@ mod tests {
         q.push_file(9, 1);
         assert_eq!(q.bytes(), 13);
         let mut w = Trickle { got: Vec::new(), cap: 2, block_next: false };
-        let mut rounds = 0;
-        while q.write_to(&mut w, None, Some(f.as_fd())).unwrap() {
-            rounds += 1;
-            assert!(rounds < 100);
-        }
+        drain(&mut q, &mut w, Some(f.as_fd())).unwrap();
         assert_eq!(w.got, b"hdr23456tail9");
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
@@ -323,17 +329,7 @@ mod tests {
         let mut q = OutQueue::default();
         q.push_file(2, 5);
         let mut w = Trickle { got: Vec::new(), cap: 64, block_next: false };
-        let mut err = None;
-        for _ in 0..10 {
-            match q.write_to(&mut w, None, Some(f.as_fd())) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-        }
+        let err = drain(&mut q, &mut w, Some(f.as_fd())).err();
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
         assert!(q.write_to(&mut w, None, None).is_err(), "file data without a file is an error");
     }
@@ -345,11 +341,7 @@ mod tests {
         q.push(b"wide ".to_vec());
         q.push(b"world".to_vec());
         let mut w = Trickle { got: Vec::new(), cap: 4, block_next: false };
-        let mut rounds = 0;
-        while q.write_to(&mut w, None, None).unwrap() {
-            rounds += 1;
-            assert!(rounds < 100);
-        }
+        drain(&mut q, &mut w, None).unwrap();
         assert_eq!(w.got, b"hello wide world");
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);

@@ -799,15 +799,7 @@ impl<S: Stream> ClientConn<S> {
 
 /// One read: Some(n>0) bytes, None on WouldBlock, Err(Eof) when the peer closed.
 fn read_some(s: &mut impl Read, buf: &mut [u8]) -> Result<Option<usize>, Fatal> {
-    loop {
-        match s.read(buf) {
-            Ok(0) => return Err(Fatal::Eof),
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Fatal::Io(e)),
-        }
-    }
+    read_some_vectored(s, buf, &mut [])
 }
 
 /// Like `read_some`, filling `a` first and then `b`.

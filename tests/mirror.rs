@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,6 +66,41 @@ fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
     let mut l = Server::spawn(&listen_args(file, 0, sock, extra));
     l.wait_ready(IO_TIMEOUT);
     l
+}
+
+/// The usual start of a migration test: a source serving `size` random bytes (seeded) with a
+/// control socket, and an empty sparse destination of the same size listening for it.
+struct Pair {
+    /// Owns the files; removed when the test ends.
+    dir: TempDir,
+    src_file: PathBuf,
+    dst_file: PathBuf,
+    src_sock: PathBuf,
+    /// Given to the destination only by `pair_with_sockets`.
+    dst_sock: PathBuf,
+    src: Server,
+    dst: Server,
+}
+
+/// A `Pair` whose destination has no control socket and gets `dst_extra` on its command line.
+fn pair(tag: &str, size: u64, seed: u64, dst_extra: &[&str]) -> Pair {
+    start_pair(tag, size, seed, false, dst_extra)
+}
+
+/// A `Pair` whose destination has a control socket too.
+fn pair_with_sockets(tag: &str, size: u64, seed: u64) -> Pair {
+    start_pair(tag, size, seed, true, &[])
+}
+
+fn start_pair(tag: &str, size: u64, seed: u64, dst_has_sock: bool, dst_extra: &[&str]) -> Pair {
+    let dir = TempDir::new(tag);
+    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    make_random_file(&src_file, size, seed);
+    make_sparse_file(&dst_file, size);
+    let src = serve(&src_file, &src_sock);
+    let dst = listen(&dst_file, dst_has_sock.then_some(dst_sock.as_path()), dst_extra);
+    Pair { dir, src_file, dst_file, src_sock, dst_sock, src, dst }
 }
 
 /// A destination on a given port, retried (bounded) while the port is still being released.
@@ -519,14 +554,10 @@ fn reader(addr: SocketAddr, expected: Arc<Vec<u8>>, deadline: Instant) -> (u64, 
 #[test]
 fn migration_cut_mid_way_is_retried_and_readers_see_correct_data() {
     const SIZE: u64 = 64 * MIB;
-    let dir = TempDir::new("mirror-relay");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 21);
-    make_sparse_file(&dst_file, SIZE);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-relay", SIZE, 21, &[]);
     let expected = Arc::new(fs::read(&src_file).expect("read source"));
 
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
     let relay = Relay::start(dst.addr(), 20 * MIB);
 
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -594,12 +625,8 @@ fn destination_takes_a_write_arriving_at_the_in_flight_request_limit() {
 #[test]
 fn error_replies_from_the_destination_are_retried_until_break() {
     const SIZE: u64 = 64 * MIB;
-    let dir = TempDir::new("mirror-eperm");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 121);
-    make_sparse_file(&dst_file, SIZE);
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &["--read-only"]);
+    let Pair { dir: _dir, src_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-eperm", SIZE, 121, &["--read-only"]);
     start_mirror(&src_sock, dst.port(), &[]);
 
     let mut c = Nbd::connect(src.addr()).expect("connect to the source");
@@ -629,13 +656,9 @@ fn error_replies_from_the_destination_are_retried_until_break() {
 #[test]
 fn destination_killed_mid_way_and_restarted_still_completes() {
     const SIZE: u64 = 64 * MIB;
-    let dir = TempDir::new("mirror-kill");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 31);
-    make_sparse_file(&dst_file, SIZE);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-kill", SIZE, 31, &[]);
 
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
     let port = dst.port();
     start_mirror(&src_sock, port, &["--max-bps", &(16 * MIB).to_string()]);
 
@@ -674,12 +697,8 @@ fn destination_killed_mid_way_and_restarted_still_completes() {
 #[test]
 fn break_and_mirror_again_three_times_then_complete() {
     const SIZE: u64 = 32 * MIB;
-    let dir = TempDir::new("mirror-break");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 41);
-    make_sparse_file(&dst_file, SIZE);
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-break", SIZE, 41, &[]);
 
     let out = cli(&["break", "-s", s(&src_sock)]);
     assert!(!out.success(), "break without a migration should fail: {:?}", out.stdout);
@@ -827,13 +846,9 @@ fn a_destination_that_never_says_hello_is_reported_as_not_responding() {
 #[test]
 fn unlink_removes_the_source_file_after_success() {
     const SIZE: u64 = 8 * MIB;
-    let dir = TempDir::new("mirror-unlink");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 81);
-    make_sparse_file(&dst_file, SIZE);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-unlink", SIZE, 81, &[]);
     let original = fs::read(&src_file).expect("read source");
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
     start_mirror(&src_sock, dst.port(), &["--unlink"]);
     assert_migration_completes(&mut src, &mut dst);
     assert!(!src_file.exists(), "--unlink: {} still exists after the migration", src_file.display());
@@ -845,12 +860,8 @@ fn unlink_removes_the_source_file_after_success() {
 
 #[test]
 fn a_1000_byte_file_migrates() {
-    let dir = TempDir::new("mirror-tiny");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, 1000, 91);
-    make_sparse_file(&dst_file, 1000);
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-tiny", 1000, 91, &[]);
     start_mirror(&src_sock, dst.port(), &[]);
     assert_migration_completes(&mut src, &mut dst);
     assert_files_equal(&src_file, &dst_file);
@@ -860,12 +871,8 @@ fn a_1000_byte_file_migrates() {
 fn status_shows_progress_and_speed_limit_while_mirroring() {
     const SIZE: u64 = 32 * MIB;
     const LIMIT: u64 = 4 * MIB;
-    let dir = TempDir::new("mirror-status");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 101);
-    make_sparse_file(&dst_file, SIZE);
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &[]);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-status", SIZE, 101, &[]);
     start_mirror(&src_sock, dst.port(), &["--max-bps", &LIMIT.to_string()]);
 
     thread::sleep(Duration::from_millis(1200));
@@ -892,12 +899,8 @@ fn status_shows_progress_and_speed_limit_while_mirroring() {
 #[test]
 fn mirror_with_bind_reaches_a_destination_with_an_acl() {
     const SIZE: u64 = 2 * MIB;
-    let dir = TempDir::new("mirror-bind");
-    let (src_file, dst_file, src_sock) = (dir.join("src.img"), dir.join("dst.img"), dir.join("src.sock"));
-    make_random_file(&src_file, SIZE, 111);
-    make_sparse_file(&dst_file, SIZE);
-    let mut src = serve(&src_file, &src_sock);
-    let mut dst = listen(&dst_file, None, &["127.0.0.2"]);
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-bind", SIZE, 111, &["127.0.0.2"]);
 
     // From 127.0.0.1 the destination closes before its hello.
     let out = mirror(&src_sock, dst.port(), &[]);
@@ -960,13 +963,8 @@ fn oldstyle_listen_completes_on_an_original_senders_clean_disconnect() {
 fn a_retry_to_the_same_destination_resumes_instead_of_copying_everything() {
     const SIZE: u64 = 64 * MIB;
     const HOT: u64 = 24 * MIB;
-    let dir = TempDir::new("mirror-resume");
-    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
-    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
-    make_random_file(&src_file, SIZE, 77);
-    make_sparse_file(&dst_file, SIZE);
-    let mut src = serve(&src_file, &ssock);
-    let mut dst = listen(&dst_file, Some(&dsock), &[]);
+    let Pair { dir: _dir, src_file, dst_file, src_sock: ssock, dst_sock: dsock, mut src, mut dst } =
+        pair_with_sockets("mirror-resume", SIZE, 77);
 
     // A writer dirtying a 24 MiB window keeps a second pass busy after the sweep.
     let stop = Arc::new(AtomicBool::new(false));
@@ -1078,13 +1076,8 @@ fn wait_for_mirror_output(dir: &TempDir, tag: &str, needle: &str, within: Durati
 
 #[test]
 fn mirror_wait_reports_progress_and_exits_zero_only_on_handover() {
-    let dir = TempDir::new("mirror-wait");
-    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
-    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
-    make_random_file(&src_file, 16 * MIB, 91);
-    make_sparse_file(&dst_file, 16 * MIB);
-    let mut src = serve(&src_file, &ssock);
-    let mut dst = listen(&dst_file, Some(&dsock), &[]);
+    let Pair { dir, src_file, dst_file, src_sock: ssock, mut src, mut dst, .. } =
+        pair_with_sockets("mirror-wait", 16 * MIB, 91);
 
     // Slow enough to outlast a progress line (every 5 s when stdout is not a terminal), then
     // stopped with `break`: the waiting client exits non-zero and the source keeps serving.
@@ -1120,13 +1113,7 @@ fn mirror_wait_reports_progress_and_exits_zero_only_on_handover() {
 
 #[test]
 fn mirror_wait_fails_when_the_source_dies() {
-    let dir = TempDir::new("mirror-wait-dies");
-    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
-    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
-    make_random_file(&src_file, 16 * MIB, 92);
-    make_sparse_file(&dst_file, 16 * MIB);
-    let mut src = serve(&src_file, &ssock);
-    let dst = listen(&dst_file, Some(&dsock), &[]);
+    let Pair { dir, src_sock: ssock, mut src, dst, .. } = pair_with_sockets("mirror-wait-dies", 16 * MIB, 92);
     let mut m = spawn_mirror_wait(&dir, "dies", &ssock, dst.port(), &["--max-bps", "1000000"]);
     wait_for_mirror_output(&dir, "dies", "started", Duration::from_secs(10));
     src.stop_with(libc::SIGKILL, IO_TIMEOUT);

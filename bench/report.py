@@ -31,6 +31,14 @@ METRICS = [
     ("rss_load", "RSS under QD32 load (max), MiB (lower is better)", False),
     ("cpu_per_gib", "server CPU s per GiB seq moved (lower is better)", False),
     ("binary_size", "stripped binary size, MB (lower is better)", False),
+    # Where the CPU went (% of one core over the run; no ratio): on a 2-core machine, a client
+    # near 100% is the bottleneck whatever the server does.
+    ("seq_read_client_cpu", "seq read: client (nbdcopy) CPU, % of a core", None),
+    ("seq_read_server_cpu", "seq read: server CPU, % of a core", None),
+    ("randread_qd32_client_cpu", "4K randread QD32: client (fio) CPU, % of a core", None),
+    ("randread_qd32_server_cpu", "4K randread QD32: server CPU, % of a core", None),
+    ("randwrite_qd32_client_cpu", "4K randwrite QD32: client (fio) CPU, % of a core", None),
+    ("randwrite_qd32_server_cpu", "4K randwrite QD32: server CPU, % of a core", None),
 ]
 
 
@@ -143,10 +151,10 @@ def table(raw, meta, servers, md_path):
     if OURS in servers:
         header += [f"ours/{p}" for p in peers]
     rows = []
-    for key, label, _hib in METRICS:
+    for key, label, hib in METRICS:
         row = [label] + [fmt(median(key, s)) for s in servers]
         if OURS in servers:
-            row += [ratio(key, p) for p in peers]
+            row += [ratio(key, p) if hib is not None else "" for p in peers]
         rows.append(row)
 
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
@@ -206,6 +214,10 @@ def table(raw, meta, servers, md_path):
                 "- RSS is VmRSS summed over the server's process tree; idle = after startup and one"
                 " connection; load = max of 0.1 s samples during both QD32 fio runs.\n"
                 "- CPU = utime+stime of the server across the sequential read and write, per GiB moved.\n"
+                "- CPU rows in % of one core: the client's (its process tree, from the shell's"
+                " children times) and the server's, each over the whole client run. Client plus"
+                " server near 100% x cores means the machine was saturated; a client near 100% of"
+                " its one busy thread is the limit for every server alike.\n"
                 "- Binary size: stripped copies. flexnbd is a single binary; nbdkit = `nbdkit` + the"
                 " file plugin `.so`, qemu-nbd = its executable, both without their shared libraries.\n")
             busy = [v for (m, _s), l in vals.items() if m == "busy_before" for _, v in l]

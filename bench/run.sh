@@ -170,6 +170,32 @@ cpu_ticks() { # summed utime+stime+cutime+cstime (clock ticks) of the tree
     echo "$total"
 }
 CLK_TCK=$(getconf CLK_TCK)
+children_cpu() { # CHILD_CPU = CPU s (user+sys) of this shell's reaped children (and theirs) so far
+    # Not called as $(children_cpu): `times` must run in this shell, as a subshell has its own
+    # children. Its second line is the children's "XmY.YYYs XmY.YYYs".
+    times >"$BENCH_DIR/times.tmp"
+    local line; line=$(tail -n 1 "$BENCH_DIR/times.tmp")
+    [[ $line =~ ^([0-9]+)m([0-9.]+)s\ ([0-9]+)m([0-9.]+)s ]] || die "cannot parse 'times' output: $line"
+    CHILD_CPU=$(calc "${BASH_REMATCH[1]}*60+${BASH_REMATCH[2]}+${BASH_REMATCH[3]}*60+${BASH_REMATCH[4]}")
+}
+# CPU shares of one client run: cpu_mark 0 just before it, cpu_mark 1 right after (before any
+# other child process, such as python3 for arithmetic), then cpu_share ROUND SERVER TEST.
+cpu_mark() {  # cpu_mark 0|1 SERVER
+    # cpu_ticks forks; its children must land outside the client's interval.
+    local st
+    if (( $1 == 0 )); then st=$(cpu_ticks "${SPID[$2]}"); children_cpu
+    else children_cpu; st=$(cpu_ticks "${SPID[$2]}"); fi
+    CPU_MARK[$1]="$EPOCHREALTIME $CHILD_CPU $st"
+}
+declare -A CPU_MARK=()
+cpu_share() { # cpu_share ROUND SERVER TEST: record client and server CPU, % of one core
+    local t0 c0 s0 t1 c1 s1 secs
+    read -r t0 c0 s0 <<<"${CPU_MARK[0]}"
+    read -r t1 c1 s1 <<<"${CPU_MARK[1]}"
+    secs=$(elapsed "$t0" "$t1")
+    record "$1" "$2" "${3}_client_cpu" "$(calc "100*($c1-$c0)/$secs")"
+    record "$1" "$2" "${3}_server_cpu" "$(calc "100*($s1-$s0)/$CLK_TCK/$secs")"
+}
 busy_pct() {  # whole-machine CPU busy % over 1 s (taken while our servers sit idle)
     local a b
     a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
@@ -359,11 +385,14 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
     for s in "${up[@]}"; do
         alive "$r" "$s" seq_read || continue
         t0=$(now)
+        cpu_mark 0 "$s"
         # shellcheck disable=SC2086
         if timeout "$CMD_TIMEOUT" "${RUN[@]}" nbdcopy $NBDCOPY_ARGS --no-extents \
                 "nbd://127.0.0.1:${SPORT[$s]}" null: 2>>"$BENCH_DIR/logs/$s-r$r.client"; then
+            cpu_mark 1 "$s"
             t1=$(now); secs=$(elapsed "$t0" "$t1")
             record "$r" "$s" seq_read "$(calc "$SIZE_BYTES/1e6/$secs")"
+            cpu_share "$r" "$s" seq_read
             moved[$s]=$((moved[$s] + SIZE_BYTES))
         else
             fail "$r" "$s" seq_read "nbdcopy read failed (see logs/$s-r$r.client)"
@@ -401,8 +430,11 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
                 alive "$r" "$s" "${rw}_qd$d" || continue
                 (( d == 32 )) && start_sampler "${SPID[$s]}" "$BENCH_DIR/rss-load-$s"
                 out=$BENCH_DIR/logs/fio-$s-r$r-$rw-qd$d.json
+                cpu_mark 0 "$s"
                 if v=$(run_fio "${SPORT[$s]}" "$rw" "$d" "$out"); then
+                    cpu_mark 1 "$s"
                     record "$r" "$s" "${rw}_qd$d" "$v"
+                    (( d == 32 )) && cpu_share "$r" "$s" "${rw}_qd$d"
                 else
                     fail "$r" "$s" "${rw}_qd$d" "fio failed (see logs/${out##*/}*)"
                 fi

@@ -239,3 +239,40 @@ fn opt_abort_is_acknowledged_or_closed() {
     wait_closed(&mut n.sock, Duration::from_secs(5)).expect("closed after ABORT");
     server.assert_alive("after ABORT");
 }
+
+#[test]
+fn df_is_offered_only_with_structured_replies() {
+    let (_dir, file) = served_random("df-flag", MIB, 21);
+    let server = Server::start(&file, &[]);
+    let simple = Nbd::connect(server.addr()).expect("connect");
+    assert_eq!(simple.flags & TF_SEND_DF, 0, "DF without structured replies: flags {:#x}", simple.flags);
+    let n = Negotiation::start(server.addr()).expect("greeting");
+    let c = n.export_name("").expect("EXPORT_NAME");
+    assert_eq!(c.flags & TF_SEND_DF, 0, "DF after a plain EXPORT_NAME: flags {:#x}", c.flags);
+    let structured = Nbd::connect_structured(server.addr()).expect("connect with structured replies");
+    assert_ne!(
+        structured.flags & TF_SEND_DF,
+        0,
+        "no DF with structured replies: flags {:#x}",
+        structured.flags
+    );
+}
+
+#[test]
+fn export_names_longer_than_4096_bytes_are_refused() {
+    let (_dir, file) = served_random("long-name", MIB, 22);
+    let mut server = Server::start(&file, &[]);
+    let long = "x".repeat(4097);
+    let mut n = Negotiation::start(server.addr()).expect("greeting");
+    let r = n.option(OPT_GO, &Negotiation::info_data(&long, &[])).expect("reply to GO");
+    assert!(r.len() == 1 && r[0].typ == REP_ERR_INVALID, "GO with a 4097-byte name: {r:?}");
+    // Negotiation goes on; the longest legal name is still fine.
+    let (mut c, _) = n.go(&"y".repeat(4096), &[]).expect("GO with a 4096-byte name");
+    assert_eq!(c.read(0, 512).expect("io").expect("read"), read_at(&file, 0, 512));
+
+    // EXPORT_NAME cannot be answered with an error: the server hangs up.
+    let mut n = Negotiation::start(server.addr()).expect("greeting");
+    n.send_option(OPT_EXPORT_NAME, long.as_bytes()).expect("send EXPORT_NAME");
+    wait_closed(&mut n.sock, Duration::from_secs(5)).expect("closed after a too-long EXPORT_NAME");
+    server.assert_alive("after a too-long export name");
+}

@@ -444,3 +444,61 @@ fn clients_that_never_read_their_replies_do_not_delay_others() {
     server.assert_alive("next to clients that never read");
     drop(stuck);
 }
+
+#[test]
+fn zero_length_requests_are_einval_and_leave_hole_punching_on() {
+    let size = 4 * MIB;
+    let (_dir, file) = served_random("zero-length", size, 43);
+    let server = Server::start(&file, &[]);
+    let mut c = Nbd::connect(server.addr()).expect("connect");
+    // The kernel refuses a zero-length fallocate with EINVAL; that must not read as "this
+    // filesystem cannot punch holes" and turn TRIM into a no-op for everyone.
+    assert_eq!(c.trim(0, 0).expect("io"), EINVAL, "zero-length trim");
+    assert_eq!(c.write_zeroes(0, 0, 0).expect("io"), EINVAL, "zero-length write_zeroes");
+    assert_eq!(c.write(0, &[], 0).expect("io"), EINVAL, "zero-length write");
+    assert_eq!(c.command(CMD_CACHE, 0, 0, 0).expect("io"), EINVAL, "zero-length cache");
+    assert_eq!(c.read(0, 0).expect("io"), Err(EINVAL), "zero-length read");
+
+    let before = allocated_bytes(&file);
+    assert_eq!(c.trim(MIB, MIB as u32).expect("io"), 0, "trim");
+    assert_eq!(c.flush().expect("io"), 0);
+    let after = allocated_bytes(&file);
+    assert!(
+        after + MIB - 64 * KIB <= before,
+        "TRIM after zero-length requests did not punch: {before} -> {after}"
+    );
+
+    // With structured replies a zero-length READ would need a data chunk shorter than allowed.
+    let mut s = Nbd::connect_structured(server.addr()).expect("connect with structured replies");
+    assert_eq!(s.read(0, 0).expect("io"), Err(EINVAL), "structured zero-length read");
+    assert_eq!(s.read(0, 4096).expect("io").expect("read after"), read_at(&file, 0, 4096));
+}
+
+#[test]
+fn flags_that_do_not_belong_to_a_command_are_einval() {
+    let (_dir, file) = served_random("cmd-flags", MIB, 44);
+    let server = Server::start(&file, &[]);
+    let mut c = Nbd::connect(server.addr()).expect("connect");
+    assert_eq!(c.command(CMD_READ, CMD_FLAG_REQ_ONE, 0, 512).expect("io"), EINVAL, "READ with REQ_ONE");
+    assert_eq!(
+        c.command(CMD_READ, CMD_FLAG_DF, 0, 512).expect("io"),
+        EINVAL,
+        "DF without structured replies"
+    );
+    assert_eq!(c.write(0, &[1u8; 512], CMD_FLAG_NO_HOLE).expect("io"), EINVAL, "WRITE with NO_HOLE");
+    assert_eq!(c.command(CMD_TRIM, CMD_FLAG_FAST_ZERO, 0, 4096).expect("io"), EINVAL, "TRIM with FAST_ZERO");
+    assert_eq!(c.command(CMD_FLUSH, CMD_FLAG_NO_HOLE, 0, 0).expect("io"), EINVAL, "FLUSH with NO_HOLE");
+    // FUA goes with anything; the refused WRITE's payload was skipped and changed nothing.
+    assert_eq!(c.command(CMD_FLUSH, CMD_FLAG_FUA, 0, 0).expect("io"), 0, "FLUSH with FUA");
+    assert_eq!(
+        c.write_zeroes(0, 4096, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA).expect("io"),
+        0,
+        "WRITE_ZEROES flags"
+    );
+    assert_eq!(c.read(4096, 512).expect("io").expect("read after"), read_at(&file, 4096, 512));
+    let mut s = Nbd::connect_structured(server.addr()).expect("connect with structured replies");
+    let cookie = s.cookie();
+    s.send_request(CMD_FLAG_DF, CMD_READ, cookie, 0, 4096).expect("send READ with DF");
+    let got = s.read_read_reply(cookie, 0, 4096).expect("io").expect("structured READ with DF");
+    assert_eq!(got, read_at(&file, 0, 4096), "structured READ with DF");
+}

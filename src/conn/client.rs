@@ -156,7 +156,11 @@ impl<S: Stream> ClientConn<S> {
         };
         let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
         if ctx.cfg.oldstyle {
-            hs::encode_oldstyle_hello(&mut hello, ctx.export.size(), u32::from(transmission_flags(ctx)));
+            hs::encode_oldstyle_hello(
+                &mut hello,
+                ctx.export.size(),
+                u32::from(transmission_flags(ctx, false)),
+            );
             c.phase = Phase::Transmission;
             // An original flexnbd sender cannot declare itself; on an oldstyle listener every
             // client that writes and then disconnects cleanly is taken for one.
@@ -435,12 +439,17 @@ impl<S: Stream> ClientConn<S> {
         };
         debug!("{} {}: option {opt:?}", self.id, self.peer);
         match opt {
+            // EXPORT_NAME has no error reply: refusing it means hanging up.
+            OptCode::ExportName if data.len() > MAX_STRING_LEN => {
+                info!("{} {}: export name of {} bytes is too long; closing", self.id, self.peer, data.len());
+                self.phase = Phase::Draining;
+            }
             OptCode::ExportName => {
                 let mut b = Vec::with_capacity(134);
                 hs::encode_export_name_reply(
                     &mut b,
                     ctx.export.size(),
-                    transmission_flags(ctx),
+                    transmission_flags(ctx, self.structured),
                     self.no_zeroes,
                 );
                 self.push_out(b);
@@ -464,7 +473,7 @@ impl<S: Stream> ClientConn<S> {
                     self.opt_reply(
                         code,
                         RepType::Info,
-                        &hs::info_export(ctx.export.size(), transmission_flags(ctx)),
+                        &hs::info_export(ctx.export.size(), transmission_flags(ctx, self.structured)),
                     );
                     if req.infos.contains(&(InfoType::Name as u16)) {
                         let mut b = Vec::with_capacity(2 + req.name.len());
@@ -564,6 +573,12 @@ impl<S: Stream> ClientConn<S> {
             debug!("{} {}: unknown command {}", self.id, self.peer, req.kind);
             return self.reply_error(req, NbdErr::Inval, "unknown command");
         };
+        if cmd != Cmd::Disc && !tx::flags_fit(cmd, req.flags, self.structured) {
+            return self.refuse(req, NbdErr::Inval);
+        }
+        if req.len == 0 && tx::needs_length(cmd) {
+            return self.refuse(req, NbdErr::Inval);
+        }
         let fua = req.flags & CMD_FLAG_FUA != 0;
         if self.shutting_down && cmd != Cmd::Disc {
             return self.refuse(req, NbdErr::Shutdown);
@@ -582,9 +597,6 @@ impl<S: Stream> ClientConn<S> {
                 self.in_flight_bytes += req.len as usize;
                 let buf = ctx.bufs.take(req.len as usize);
                 self.incoming = Incoming::Payload { req, buf, filled: 0 };
-                if req.len == 0 {
-                    self.payload_complete(ctx);
-                }
             }
             Cmd::Disc => {
                 info!("{} {}: disconnect requested", self.id, self.peer);
@@ -618,9 +630,7 @@ impl<S: Stream> ClientConn<S> {
             Cmd::BlockStatus if !self.meta_base_allocation => {
                 self.reply_error(req, NbdErr::Inval, "no metadata context negotiated")
             }
-            Cmd::BlockStatus if req.len == 0 || !inside => {
-                self.reply_error(req, NbdErr::Inval, "block status range invalid")
-            }
+            Cmd::BlockStatus if !inside => self.reply_error(req, NbdErr::Inval, "block status range invalid"),
             Cmd::BlockStatus => {
                 let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
                 self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
@@ -815,8 +825,13 @@ fn read_some_vectored(s: &mut impl Read, a: &mut [u8], b: &mut [u8]) -> Result<O
     }
 }
 
-pub fn transmission_flags(ctx: &Ctx) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+/// What this export supports. DF is only offered with structured replies: it is about their
+/// chunks, and the spec has servers clear it otherwise.
+pub fn transmission_flags(ctx: &Ctx, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if structured {
+        f |= TF_SEND_DF;
+    }
     if ctx.export.read_only() {
         f |= TF_READ_ONLY;
     } else {

@@ -66,6 +66,8 @@ pub const META_BASE_ALLOCATION_ID: u32 = 1;
 pub const MAX_REQUEST_LEN: u32 = 32 * 1024 * 1024;
 /// Preferred block size advertised in NBD_INFO_BLOCK_SIZE.
 pub const PREFERRED_BLOCK: u32 = 4096;
+/// Longest string (export name, context query) the spec allows.
+pub const MAX_STRING_LEN: usize = 4096;
 /// Largest option payload we accept; real options (names, context queries) are far smaller.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 

@@ -45,6 +45,26 @@ impl Request {
     }
 }
 
+/// Whether a request's flags, all of them known, suit its command. FUA goes with any command
+/// (the spec has servers accept it everywhere once SEND_FUA is advertised); the others belong to
+/// one command each, and DF only once structured replies are on, as it is about their chunks.
+pub fn flags_fit(cmd: Cmd, flags: u16, structured: bool) -> bool {
+    let allowed = CMD_FLAG_FUA
+        | match cmd {
+            Cmd::WriteZeroes => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Cmd::Read if structured => CMD_FLAG_DF,
+            Cmd::BlockStatus => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    flags & !allowed == 0
+}
+
+/// Commands whose length is a range of the export: a zero-length one names no bytes, which the
+/// spec leaves undefined (a READ would even need a data chunk shorter than its minimum).
+pub fn needs_length(cmd: Cmd) -> bool {
+    matches!(cmd, Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes | Cmd::Cache | Cmd::BlockStatus)
+}
+
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ParseError> {
     if buf.len() < REQUEST_LEN {
         return Ok(None);
@@ -188,6 +208,32 @@ pub fn parse_block_status(data: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ParseEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_fit_their_commands_only() {
+        for cmd in
+            [Cmd::Read, Cmd::Write, Cmd::Flush, Cmd::Trim, Cmd::WriteZeroes, Cmd::Cache, Cmd::BlockStatus]
+        {
+            assert!(flags_fit(cmd, 0, false), "{cmd:?} without flags");
+            assert!(flags_fit(cmd, CMD_FLAG_FUA, true), "{cmd:?} with FUA");
+        }
+        assert!(flags_fit(Cmd::WriteZeroes, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA, false));
+        assert!(flags_fit(Cmd::Read, CMD_FLAG_DF, true));
+        assert!(!flags_fit(Cmd::Read, CMD_FLAG_DF, false), "DF without structured replies");
+        assert!(flags_fit(Cmd::BlockStatus, CMD_FLAG_REQ_ONE, true));
+        assert!(!flags_fit(Cmd::Read, CMD_FLAG_REQ_ONE, true));
+        assert!(!flags_fit(Cmd::Write, CMD_FLAG_NO_HOLE, true));
+        assert!(!flags_fit(Cmd::Write, CMD_FLAG_DF, true));
+        assert!(!flags_fit(Cmd::Trim, CMD_FLAG_FAST_ZERO, true));
+        assert!(!flags_fit(Cmd::BlockStatus, CMD_FLAG_DF, true));
+    }
+
+    #[test]
+    fn only_range_commands_need_a_length() {
+        assert!(needs_length(Cmd::Read) && needs_length(Cmd::Write) && needs_length(Cmd::Trim));
+        assert!(needs_length(Cmd::WriteZeroes) && needs_length(Cmd::Cache) && needs_length(Cmd::BlockStatus));
+        assert!(!needs_length(Cmd::Flush) && !needs_length(Cmd::Disc));
+    }
 
     fn req() -> Request {
         Request { flags: 1, kind: 1, cookie: 0xabcdef, offset: 4096, len: 512 }

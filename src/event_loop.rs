@@ -67,6 +67,8 @@ pub struct Core {
     pub dirty: Option<DirtyMap>,
     /// Migration freeze: clients are not read from.
     pub frozen: bool,
+    /// Set with `frozen` and cleared by the reactor once it has let the held clients go.
+    pub held: bool,
     pub writes_in_flight: usize,
     /// Client requests received so far: the mirror watches it to notice clients at work.
     pub requests: u64,
@@ -182,6 +184,7 @@ impl Server {
                 num_clients: 0,
                 dirty: None,
                 frozen: false,
+                held: false,
                 writes_in_flight: 0,
                 requests: 0,
                 new_sender: None,
@@ -243,6 +246,7 @@ impl Server {
             }
             self.drain_completions();
             self.mirror_tick();
+            self.release_held();
             self.run_pending();
             self.replace_sender();
             if self.handed_over {
@@ -599,12 +603,23 @@ impl Server {
         self.thaw();
     }
 
-    /// Lets paused clients run again after a freeze ended.
+    /// Ends a freeze (if one is on) and lets the clients it held run again.
     fn thaw(&mut self) {
-        if !self.core.frozen || self.handed_over {
+        if self.handed_over {
             return;
         }
         self.core.frozen = false;
+        self.release_held();
+    }
+
+    /// A freeze can also end inside the mirror (a failed attempt lifts it before retrying).
+    /// Either way the held clients have requests waiting in their sockets and no new event
+    /// coming (edge-triggered), so each gets a step of its own.
+    fn release_held(&mut self) {
+        if self.core.frozen || !self.core.held || self.handed_over {
+            return;
+        }
+        self.core.held = false;
         let tokens: Vec<Token> =
             self.conns.iter().filter(|(_, c)| matches!(c, Conn::Client(_))).map(|(k, _)| Token(k)).collect();
         for t in tokens {

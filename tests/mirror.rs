@@ -437,8 +437,26 @@ struct Relay {
     pumps: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
+/// How a relay ends its first connection, watching the source-to-destination direction.
+#[derive(Clone)]
+enum Cut {
+    /// After this many bytes.
+    After(u64),
+    /// At the `n`th FLUSH request header: nothing from it on goes through, and the connection
+    /// is shut once `release` is set (or the relay is dropped).
+    AtFlush { n: usize, release: Arc<AtomicBool> },
+}
+
+/// A FLUSH request header's first 8 bytes: magic, no flags, type 3. Random payload bytes match
+/// it with odds of 2^-64 per position.
+const FLUSH_HEADER: [u8; 8] = [0x25, 0x60, 0x95, 0x13, 0, 0, 0, 3];
+
 impl Relay {
     fn start(target: SocketAddr, cut_after: u64) -> Relay {
+        Relay::start_with(target, Cut::After(cut_after))
+    }
+
+    fn start_with(target: SocketAddr, cut: Cut) -> Relay {
         let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         l.set_nonblocking(true).expect("nonblocking");
         let port = l.local_addr().expect("relay addr").port();
@@ -461,7 +479,7 @@ impl Relay {
                 let Ok(server) = TcpStream::connect_timeout(&target, IO_TIMEOUT) else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let limit = (n == 0).then_some(cut_after);
+                let limit = (n == 0).then(|| cut.clone());
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let (st1, st2) = (Arc::clone(&st), Arc::clone(&st));
                 let mut v = ps.lock().unwrap();
@@ -473,13 +491,20 @@ impl Relay {
     }
 }
 
-/// Copies `from` -> `to` until EOF, an error, `limit` bytes or the stop flag; then shuts both
+/// Copies `from` -> `to` until EOF, an error, the `cut` or the stop flag; then shuts both
 /// sockets down in both directions (which also ends the opposite pump).
-fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>, stop: Arc<AtomicBool>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, cut: Option<Cut>, stop: Arc<AtomicBool>) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
     let _ = to.set_write_timeout(Some(IO_TIMEOUT));
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
+    let limit = match &cut {
+        Some(Cut::After(n)) => Some(*n),
+        _ => None,
+    };
+    // For Cut::AtFlush: flushes seen, and the last bytes forwarded (a header may straddle reads).
+    let mut flushes = 0usize;
+    let mut tail: Vec<u8> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let n = match from.read(&mut buf) {
             Ok(0) => break,
@@ -495,6 +520,32 @@ fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>, stop: Arc<At
             Err(_) => break,
         };
         let n = limit.map_or(n, |l| n.min((l - total) as usize));
+        if let Some(Cut::AtFlush { n: nth, release }) = &cut {
+            // `tail` keeps the last 7 bytes already forwarded, so every match in it is new.
+            let old = tail.len();
+            tail.extend_from_slice(&buf[..n]);
+            let starts: Vec<usize> = tail
+                .windows(FLUSH_HEADER.len())
+                .enumerate()
+                .filter(|(_, w)| *w == FLUSH_HEADER)
+                .map(|(i, _)| i)
+                .collect();
+            if flushes + starts.len() >= *nth {
+                // Forward what came before that header, then hold everything until released.
+                let at = starts[*nth - flushes - 1];
+                let _ = to.write_all(&tail[old.min(at)..at]);
+                let until = Instant::now() + Duration::from_secs(60);
+                while !release.load(Ordering::SeqCst)
+                    && !stop.load(Ordering::SeqCst)
+                    && Instant::now() < until
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                break;
+            }
+            flushes += starts.len();
+            tail.drain(..tail.len().saturating_sub(FLUSH_HEADER.len() - 1));
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -647,6 +698,43 @@ fn error_replies_from_the_destination_are_retried_until_break() {
     assert_eq!(field(&st, "is_mirroring"), "false", "after break: {st:?}");
     dst.assert_alive("after the failed attempts");
     assert_eq!(c.read(0, 4096).expect("read io").expect("read after break"), read_at(&src_file, 0, 4096));
+}
+
+#[test]
+fn clients_held_by_a_freeze_go_on_when_the_attempt_fails() {
+    let Pair { dir: _dir, src_file, src_sock, mut src, dst, .. } =
+        pair("mirror-freeze-fail", 8 * MIB, 131, &[]);
+    // Nothing writes, so pass 0 ends with a checkpoint FLUSH and the freeze comes next: the
+    // second FLUSH is the final one, sent while clients are held.
+    let release = Arc::new(AtomicBool::new(false));
+    let relay = Relay::start_with(dst.addr(), Cut::AtFlush { n: 2, release: Arc::clone(&release) });
+    let mut c = Nbd::connect(src.addr()).expect("connect to the source");
+    start_mirror(&src_sock, relay.port, &[]);
+    assert!(src.wait_for_line("freezing clients", MIGRATION_TIMEOUT), "no freeze: {}", src.stderr_text());
+
+    // A request arriving during the freeze waits...
+    let cookie = c.cookie();
+    c.send_request(0, CMD_READ, cookie, MIB, 4096).expect("send READ during the freeze");
+    thread::sleep(Duration::from_millis(300));
+    // ...until the attempt fails (the relay drops the connection): then it is answered.
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        src.wait_for_line("attempt failed", IO_TIMEOUT),
+        "the attempt did not fail: {}",
+        src.stderr_text()
+    );
+    let got = c.read_read_reply(cookie, MIB, 4096).expect("reply to the READ held by the freeze");
+    assert_eq!(got.expect("read ok"), read_at(&src_file, MIB, 4096));
+    assert_eq!(c.read(0, 4096).expect("io").expect("read after"), read_at(&src_file, 0, 4096));
+
+    cli(&["break", "-s", s(&src_sock)]).assert_success("flexnbd break");
+    assert_eq!(
+        c.read(2 * MIB, 4096).expect("io").expect("read after break"),
+        read_at(&src_file, 2 * MIB, 4096)
+    );
+    src.assert_alive("after the failed freeze");
+    drop(relay);
+    drop(dst);
 }
 
 // ---------------------------------------------------------------------------------------------

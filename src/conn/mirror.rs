@@ -611,6 +611,7 @@ impl Mirror {
             if quick || self.pass >= MAX_PASSES || stuck {
                 info!("mirror {}: pass {} done, {dirty} bytes dirty: freezing clients", self.id, self.pass);
                 core.frozen = true;
+                core.held = true;
                 self.freeze_started = Some(Instant::now());
                 self.state = State::Frozen;
                 continue;

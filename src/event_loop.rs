@@ -7,7 +7,7 @@ use crate::buffer::BufPool;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
-use crate::conn::{Ctx, InlineIo, Next, SHARED_READ_BUF, ServeConfig};
+use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
@@ -76,6 +76,7 @@ pub struct Core {
     bufs: BufPool,
     inline: InlineIo,
     inline_done: Vec<Completion>,
+    lineage: Lineage,
     generation: u64,
 }
 
@@ -96,6 +97,7 @@ impl Core {
             bufs: &mut self.bufs,
             inline: &mut self.inline,
             inline_done: &mut self.inline_done,
+            lineage: &mut self.lineage,
         }
     }
 
@@ -167,6 +169,7 @@ impl Server {
             max_in_flight_reqs: 1024,
             instance_id: random_u64(),
         };
+        let instance_id = cfg.instance_id;
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -191,6 +194,7 @@ impl Server {
                 bufs: BufPool::default(),
                 inline: InlineIo::default(),
                 inline_done: Vec::new(),
+                lineage: Lineage::new(instance_id),
                 generation: 0,
             },
             mirror: None,
@@ -500,7 +504,10 @@ impl Server {
                 let entry = self.conns.vacant_entry();
                 let token = Token(entry.key());
                 let id = ConnId { token, generation: self.core.next_generation() };
-                let mut m = Mirror::new(spec, id, from);
+                // Who we are to the destination: the same for every attempt of this migration,
+                // different for any other (here or in another process).
+                let sender = self.core.cfg.instance_id ^ id.generation.rotate_left(32);
+                let mut m = Mirror::new(spec, id, from, sender);
                 m.wait_after_start = wait;
                 entry.insert(Conn::Mirror(Box::new(m)));
                 self.mirror = Some(token);

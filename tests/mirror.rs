@@ -737,6 +737,38 @@ fn clients_held_by_a_freeze_go_on_when_the_attempt_fails() {
     drop(dst);
 }
 
+#[test]
+fn a_retry_copies_everything_again_when_another_sender_wrote_to_the_destination() {
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-two-senders", 8 * MIB, 141, &[]);
+    let release = Arc::new(AtomicBool::new(false));
+    let relay = Relay::start_with(dst.addr(), Cut::AtFlush { n: 2, release: Arc::clone(&release) });
+    start_mirror(&src_sock, relay.port, &[]);
+    // Our source has checkpointed everything and is frozen on its final FLUSH (held by the relay).
+    assert!(src.wait_for_line("freezing clients", MIGRATION_TIMEOUT), "no freeze: {}", src.stderr_text());
+
+    // Meanwhile another sender (an operator's mistake) takes the destination over and writes.
+    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
+    let mut n = Negotiation::start(dst.addr()).expect("second sender: greeting");
+    let r = n.option(OPT_FLEXNBD_MIGRATE, &0x1234_5678_u64.to_be_bytes()).expect("second sender: option");
+    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "second sender refused: {r:?}");
+    let (mut b, _) = n.go("", &[]).expect("second sender: GO");
+    assert_eq!(b.write(0, &random_bytes(MIB as usize, 142), 0).expect("io"), 0, "second sender's write");
+    assert_eq!(b.flush().expect("io"), 0);
+    drop(b);
+    release.store(true, Ordering::SeqCst);
+
+    // The source's retry reaches the same process, but its copy there is no longer its own:
+    // it must send everything again rather than resume.
+    assert_migration_completes(&mut src, &mut dst);
+    assert!(
+        !src.stderr_text().contains("kept what it acknowledged"),
+        "the source resumed on a destination another sender wrote to"
+    );
+    assert_files_equal(&src_file, &dst_file);
+    drop(relay);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Destination killed mid-way and restarted on the same port
 // ---------------------------------------------------------------------------------------------

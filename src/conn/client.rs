@@ -502,11 +502,13 @@ impl<S: Stream> ClientConn<S> {
             OptCode::ListMetaContext | OptCode::SetMetaContext => {
                 self.meta_context(code, opt == OptCode::SetMetaContext, data)
             }
-            OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
+            OptCode::FlexnbdMigrate if ctx.cfg.listen && (data.is_empty() || data.len() == 8) => {
                 self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
-                // Our own option, so our own reply: the ACK carries the instance id.
-                self.opt_reply(code, RepType::Ack, &ctx.cfg.instance_id.to_be_bytes());
+                let sender = (data.len() == 8).then(|| crate::proto::be64(data));
+                // Our own option, so our own reply: the ACK carries the resume token.
+                let token = ctx.lineage.sender(sender);
+                self.opt_reply(code, RepType::Ack, &token.to_be_bytes());
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),
         }
@@ -591,8 +593,7 @@ impl<S: Stream> ClientConn<S> {
             Cmd::Write if req.len > MAX_REQUEST_LEN => self.refuse(req, NbdErr::Inval),
             Cmd::Write if !inside => self.refuse(req, NbdErr::NoSpc),
             Cmd::Write => {
-                self.flushed = false;
-                self.wrote = true;
+                self.note_write(ctx);
                 self.in_flight += 1;
                 self.in_flight_bytes += req.len as usize;
                 let buf = ctx.bufs.take(req.len as usize);
@@ -607,15 +608,13 @@ impl<S: Stream> ClientConn<S> {
             Cmd::Trim if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
             Cmd::Trim if !inside => self.reply_error(req, NbdErr::Inval, "trim beyond the end"),
             Cmd::Trim => {
-                self.flushed = false;
-                self.wrote = true;
+                self.note_write(ctx);
                 self.submit(ctx, req, Op::Trim { offset: req.offset, len, fua }, Vec::new())
             }
             Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
             Cmd::WriteZeroes if !inside => self.reply_error(req, NbdErr::NoSpc, "write beyond the end"),
             Cmd::WriteZeroes => {
-                self.flushed = false;
-                self.wrote = true;
+                self.note_write(ctx);
                 let op = Op::Zero {
                     offset: req.offset,
                     len,
@@ -635,6 +634,15 @@ impl<S: Stream> ClientConn<S> {
                 let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
                 self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
             }
+        }
+    }
+
+    /// A write-type request was accepted.
+    fn note_write(&mut self, ctx: &mut Ctx) {
+        self.flushed = false;
+        self.wrote = true;
+        if ctx.cfg.listen && !self.migration_sender {
+            ctx.lineage.foreign_write();
         }
     }
 

@@ -127,6 +127,9 @@ pub struct Mirror {
     offered_instance: Option<u64>,
     /// Instance the current (or last) attempt copied to.
     dest_instance: Option<u64>,
+    /// Sent with our migration option: a destination hands the same token back to the same
+    /// sender only (see `Lineage`).
+    sender: u64,
     /// Set by a failure that left a usable checkpoint on `dest_instance`.
     resume_from: Option<u64>,
     /// A checkpoint holds on `dest_instance`; `pass_origin` is what it does not cover.
@@ -162,13 +165,14 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(spec: MirrorSpec, id: ConnId, start_waiter: Token) -> Mirror {
+    pub fn new(spec: MirrorSpec, id: ConnId, start_waiter: Token, sender: u64) -> Mirror {
         let now = Instant::now();
         let limit =
             std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
         Mirror {
             spec,
             id,
+            sender,
             state: State::Backoff,
             deadline: Some(now),
             stream: None,
@@ -481,7 +485,7 @@ impl Mirror {
             cflags |= CLIENT_NO_ZEROES;
         }
         let mut b = cflags.to_be_bytes().to_vec();
-        hs::encode_option(&mut b, OptCode::FlexnbdMigrate as u32, &[]);
+        hs::encode_option(&mut b, OptCode::FlexnbdMigrate as u32, &self.sender.to_be_bytes());
         let mut go = Vec::new();
         hs::encode_export_request(&mut go, b"", &[]);
         hs::encode_option(&mut b, OptCode::Go as u32, &go);

@@ -23,8 +23,8 @@ pub struct ServeConfig {
     /// Per-connection cap on bytes read but not yet answered (backpressure threshold).
     pub max_in_flight_bytes: usize,
     pub max_in_flight_reqs: usize,
-    /// Random id of this process, given to migration senders so a retry can tell it reached
-    /// the same destination (and resume rather than copy everything again).
+    /// Random id of this process: seeds the resume token a `listen` server gives migration
+    /// senders (`Lineage`) and tells this process's migrations apart from any other's.
     pub instance_id: u64,
 }
 
@@ -53,6 +53,41 @@ pub struct Ctx<'a> {
     pub inline: &'a mut InlineIo,
     /// Jobs run inline; the reactor handles them exactly like the pool's completions.
     pub inline_done: &'a mut Vec<crate::io_pool::Completion>,
+    /// What a `listen` server tells migration senders about its file (see `Lineage`).
+    pub lineage: &'a mut Lineage,
+}
+
+/// A `listen` server's token for "your copy here is as you left it". A migration sender whose
+/// attempt was cut resumes from its last checkpoint only when it is given the same token again;
+/// any other token makes it copy everything. So the token moves on whenever the file may hold
+/// something that sender did not write: another sender declared itself (two sources pointed at
+/// one destination), a sender did not say who it is, or a plain client wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    token: u64,
+    sender: Option<u64>,
+}
+
+impl Lineage {
+    /// `seed` is random per process, so another process never hands out a token seen here.
+    pub fn new(seed: u64) -> Lineage {
+        Lineage { token: seed, sender: None }
+    }
+
+    /// A migration sender declared itself (`id` is None if it did not say who it is); returns
+    /// the token to give it.
+    pub fn sender(&mut self, id: Option<u64>) -> u64 {
+        if id.is_none() || id != self.sender {
+            self.token = self.token.wrapping_add(1);
+        }
+        self.sender = id;
+        self.token
+    }
+
+    /// Someone other than a migration sender changed the file.
+    pub fn foreign_write(&mut self) {
+        self.token = self.token.wrapping_add(1);
+    }
 }
 
 /// Small buffered writes (and, where RWF_NOWAIT reads are unsupported, small reads) usually
@@ -121,4 +156,24 @@ impl Submit for crate::io_pool::IoPool {
 pub enum Next {
     Continue,
     Close,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lineage;
+
+    #[test]
+    fn a_sender_keeps_its_token_until_someone_else_writes() {
+        let mut l = Lineage::new(100);
+        let a = l.sender(Some(7));
+        assert_eq!(l.sender(Some(7)), a, "the same sender coming back resumes");
+        let b = l.sender(Some(8));
+        assert_ne!(b, a, "another sender");
+        assert_ne!(l.sender(Some(7)), a, "the first sender after another one wrote");
+        let c = l.sender(Some(7));
+        l.foreign_write();
+        assert_ne!(l.sender(Some(7)), c, "after a plain client wrote");
+        let d = l.sender(None);
+        assert_ne!(l.sender(None), d, "a sender that does not say who it is never resumes");
+    }
 }

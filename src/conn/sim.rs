@@ -183,6 +183,7 @@ impl Sim {
         let queue = Queue(RefCell::new(Vec::new()));
         let (mut done, mut writes, mut requests, mut new_sender) = (false, 0usize, 0u64, None);
         let mut bufs = crate::buffer::BufPool::default();
+        let mut lineage = crate::conn::Lineage::new(1);
         let mut inline = super::InlineIo::default();
         let mut inline_done = Vec::new();
         let mut ctx = Ctx {
@@ -200,6 +201,7 @@ impl Sim {
             bufs: &mut bufs,
             inline: &mut inline,
             inline_done: &mut inline_done,
+            lineage: &mut lineage,
         };
         let id = ConnId { token: mio::Token(0), generation: 1 };
         let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));

@@ -348,6 +348,13 @@ impl Server {
                     continue;
                 }
             };
+            if self.own_mirror_addr() == Some(peer) {
+                // Every block we sent ourselves would dirty the map again: the passes would never
+                // shrink and the freeze would wait for an answer from a frozen client.
+                warn!("refused {peer}: it is this server's own migration connection");
+                self.stop_mirror("1: Mirror target is this server itself");
+                continue;
+            }
             if self.core.frozen {
                 info!("refused {peer}: migration handover in progress");
                 continue;
@@ -377,6 +384,14 @@ impl Server {
             entry.insert(Conn::Client(c));
             self.core.num_clients += 1;
             self.conn_event(token, true, true, false);
+        }
+    }
+
+    /// The local address of the running mirror's connection, if it has one.
+    fn own_mirror_addr(&self) -> Option<SocketAddr> {
+        match self.mirror.and_then(|t| self.conns.get(t.0)) {
+            Some(Conn::Mirror(m)) => m.local_addr(),
+            _ => None,
         }
     }
 

@@ -945,6 +945,27 @@ fn nothing_listening_is_reported_as_failed_to_connect() {
 }
 
 #[test]
+fn mirroring_a_server_to_itself_is_refused() {
+    let dir = TempDir::new("mirror-self");
+    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
+    make_random_file(&src_file, 4 * MIB, 73);
+    let mut src = serve(&src_file, &src_sock);
+    let out = mirror(&src_sock, src.port(), &[]);
+    assert!(!out.success(), "mirror to the server's own port must fail; stdout {:?}", out.stdout);
+    assert!(
+        out.stderr.contains("Mirror target is this server itself"),
+        "self mirror: stderr {:?}",
+        out.stderr
+    );
+    let st = status(&src_sock);
+    assert_eq!(field(&st, "is_mirroring"), "false", "after a refused self mirror: {st:?}");
+    assert_eq!(field(&st, "clients_allowed"), "true", "after a refused self mirror: {st:?}");
+    let mut c = Nbd::connect(src.addr()).expect("connect after a refused self mirror");
+    assert_eq!(c.read(0, 4096).expect("io").expect("read"), read_at(&src_file, 0, 4096));
+    src.assert_alive("after a refused self mirror");
+}
+
+#[test]
 fn a_destination_that_never_says_hello_is_reported_as_not_responding() {
     let dir = TempDir::new("mirror-silent");
     let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));

@@ -247,6 +247,10 @@ impl Mirror {
     }
 
     /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
     pub fn teardown(&mut self, r: &Registry) {
         if let Some(mut s) = self.stream.take() {
             let _ = r.deregister(&mut s);

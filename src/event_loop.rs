@@ -693,7 +693,13 @@ impl Server {
                 }
                 info!("{} {}: disconnected", c.id, c.peer);
             }
-            Some(Conn::Control(mut c)) => c.deregister(&self.core.registry),
+            Some(Conn::Control(mut c)) => {
+                c.deregister(&self.core.registry);
+                // The slot goes to the next session: the mirror's answer must not reach it.
+                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|m| self.conns.get_mut(m.0)) {
+                    m.forget_waiter(t);
+                }
+            }
             Some(Conn::Mirror(_)) | None => {}
         }
     }

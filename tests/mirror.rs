@@ -945,6 +945,46 @@ fn nothing_listening_is_reported_as_failed_to_connect() {
 }
 
 #[test]
+fn a_killed_mirror_commands_answer_does_not_reach_the_next_control_session() {
+    let dir = TempDir::new("mirror-killed-cli");
+    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
+    make_random_file(&src_file, MIB, 74);
+    let mut src = serve(&src_file, &src_sock);
+    // A peer that never greets: the mirror's answer ("Remote server failed to respond") comes
+    // after about 5 s, long after its command was killed.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("local_addr").port().to_string();
+    let mut m = Command::new(flexnbd_bin())
+        .args(["mirror", "-l", "127.0.0.1", "-p", &port, "-s", s(&src_sock)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flexnbd mirror");
+    thread::sleep(Duration::from_millis(500));
+    let _ = m.kill();
+    let _ = m.wait();
+    thread::sleep(Duration::from_millis(200));
+
+    // The next session (likely in the same slot) sends its request only after the answer is due.
+    let mut c = std::os::unix::net::UnixStream::connect(&src_sock).expect("connect to the control socket");
+    c.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    c.write_all(b"status\n").expect("send the first line");
+    let until = Instant::now() + Duration::from_secs(10);
+    while field(&status(&src_sock), "is_mirroring") == "true" {
+        assert!(Instant::now() < until, "the mirror to a silent peer never gave up");
+        thread::sleep(Duration::from_millis(100));
+    }
+    c.write_all(b"\n").expect("end the request");
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    assert!(reply.starts_with("0: "), "status answered with {reply:?}");
+    assert!(reply.contains("is_mirroring=false"), "status answered with {reply:?}");
+    src.assert_alive("after a killed mirror command");
+    drop(silent);
+}
+
+#[test]
 fn mirroring_a_server_to_itself_is_refused() {
     let dir = TempDir::new("mirror-self");
     let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));

@@ -247,6 +247,14 @@ impl Mirror {
     }
 
     /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
+    /// A control session waiting on this mirror went away.
+    pub fn forget_waiter(&mut self, t: Token) {
+        if self.start_waiter == Some(t) {
+            self.start_waiter = None;
+        }
+        self.waiters.retain(|w| *w != t);
+    }
+
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.as_ref().and_then(|s| s.local_addr().ok())
     }

@@ -230,10 +230,13 @@ impl Mirror {
         } else {
             self.pass_map.as_ref().map_or(0, DirtyMap::dirty_bytes)
         };
-        pass_left
+        // Ranges dirtied ahead of the sweep are counted twice (the sweep sends them anyway);
+        // whatever the overlap, no more than the whole file is left.
+        (pass_left
             + self.read_bytes
             + self.inflight_bytes
-            + core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes)
+            + core.dirty.as_ref().map_or(0, DirtyMap::dirty_bytes))
+        .min(core.export.size())
     }
 
     /// Average speed of the current attempt, bytes per second.

@@ -170,29 +170,31 @@ cpu_ticks() { # summed utime+stime+cutime+cstime (clock ticks) of the tree
     echo "$total"
 }
 CLK_TCK=$(getconf CLK_TCK)
-children_cpu() { # CHILD_CPU = CPU s (user+sys) of this shell's reaped children (and theirs) so far
-    # Not called as $(children_cpu): `times` must run in this shell, as a subshell has its own
-    # children. Its second line is the children's "XmY.YYYs XmY.YYYs".
-    times >"$BENCH_DIR/times.tmp"
-    local line; line=$(tail -n 1 "$BENCH_DIR/times.tmp")
-    [[ $line =~ ^([0-9]+)m([0-9.]+)s\ ([0-9]+)m([0-9.]+)s ]] || die "cannot parse 'times' output: $line"
-    CHILD_CPU=$(calc "${BASH_REMATCH[1]}*60+${BASH_REMATCH[2]}+${BASH_REMATCH[3]}*60+${BASH_REMATCH[4]}")
-}
-# CPU shares of one client run: cpu_mark 0 just before it, cpu_mark 1 right after (before any
-# other child process, such as python3 for arithmetic), then cpu_share ROUND SERVER TEST.
+# CPU shares of one client run: cpu_mark 0 just before it, cpu_mark 1 right after, then
+# cpu_share ROUND SERVER TEST. The marks start no process of their own (python3 would take tens of
+# ms, inside the timed part of a sequential run), except cpu_ticks, which runs outside the
+# client's interval: before the children's time in mark 0, after it in mark 1.
 cpu_mark() {  # cpu_mark 0|1 SERVER
-    # cpu_ticks forks; its children must land outside the client's interval.
-    local st
-    if (( $1 == 0 )); then st=$(cpu_ticks "${SPID[$2]}"); children_cpu
-    else children_cpu; st=$(cpu_ticks "${SPID[$2]}"); fi
-    CPU_MARK[$1]="$EPOCHREALTIME $CHILD_CPU $st"
+    local st ct
+    (( $1 == 0 )) && st=$(cpu_ticks "${SPID[$2]}")
+    # `times` must run in this shell (a subshell has its own children); its second line is the
+    # CPU of this shell's reaped children and their descendants: "XmY.YYYs XmY.YYYs".
+    times >"$BENCH_DIR/times.tmp"
+    (( $1 == 1 )) && st=$(cpu_ticks "${SPID[$2]}")
+    { read -r _; read -r ct; } <"$BENCH_DIR/times.tmp"
+    CPU_MARK[$1]="$EPOCHREALTIME $st $ct"
 }
 declare -A CPU_MARK=()
+children_secs() { # children_secs "XmY.YYYs XmY.YYYs" -> seconds
+    [[ $1 =~ ^([0-9]+)m([0-9.]+)s\ ([0-9]+)m([0-9.]+)s ]] || die "cannot parse 'times' output: $1"
+    calc "${BASH_REMATCH[1]}*60+${BASH_REMATCH[2]}+${BASH_REMATCH[3]}*60+${BASH_REMATCH[4]}"
+}
 cpu_share() { # cpu_share ROUND SERVER TEST: record client and server CPU, % of one core
-    local t0 c0 s0 t1 c1 s1 secs
-    read -r t0 c0 s0 <<<"${CPU_MARK[0]}"
-    read -r t1 c1 s1 <<<"${CPU_MARK[1]}"
+    local t0 s0 c0 t1 s1 c1 secs
+    read -r t0 s0 c0 <<<"${CPU_MARK[0]}"
+    read -r t1 s1 c1 <<<"${CPU_MARK[1]}"
     secs=$(elapsed "$t0" "$t1")
+    c0=$(children_secs "$c0"); c1=$(children_secs "$c1")
     record "$1" "$2" "${3}_client_cpu" "$(calc "100*($c1-$c0)/$secs")"
     record "$1" "$2" "${3}_server_cpu" "$(calc "100*($s1-$s0)/$CLK_TCK/$secs")"
 }
@@ -384,13 +386,14 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
     for s in "${up[@]}"; do c0[$s]=$(cpu_ticks "${SPID[$s]}"); moved[$s]=0; done
     for s in "${up[@]}"; do
         alive "$r" "$s" seq_read || continue
-        t0=$(now)
         cpu_mark 0 "$s"
+        t0=$(now)
         # shellcheck disable=SC2086
         if timeout "$CMD_TIMEOUT" "${RUN[@]}" nbdcopy $NBDCOPY_ARGS --no-extents \
                 "nbd://127.0.0.1:${SPORT[$s]}" null: 2>>"$BENCH_DIR/logs/$s-r$r.client"; then
+            t1=$(now)
             cpu_mark 1 "$s"
-            t1=$(now); secs=$(elapsed "$t0" "$t1")
+            secs=$(elapsed "$t0" "$t1")
             record "$r" "$s" seq_read "$(calc "$SIZE_BYTES/1e6/$secs")"
             cpu_share "$r" "$s" seq_read
             moved[$s]=$((moved[$s] + SIZE_BYTES))

@@ -276,3 +276,15 @@ fn export_names_longer_than_4096_bytes_are_refused() {
     wait_closed(&mut n.sock, Duration::from_secs(5)).expect("closed after a too-long EXPORT_NAME");
     server.assert_alive("after a too-long export name");
 }
+
+#[test]
+fn structured_reply_with_data_is_invalid_and_changes_nothing() {
+    let (_dir, file) = served_random("sr-data", MIB, 23);
+    let server = Server::start(&file, &[]);
+    let mut n = Negotiation::start(server.addr()).expect("greeting");
+    let r = n.option(OPT_STRUCTURED_REPLY, b"x").expect("reply to STRUCTURED_REPLY with data");
+    assert!(r.len() == 1 && r[0].typ == REP_ERR_INVALID, "STRUCTURED_REPLY with data: {r:?}");
+    let (mut c, _) = n.go("", &[]).expect("GO");
+    assert_eq!(c.flags & TF_SEND_DF, 0, "structured replies are off: flags {:#x}", c.flags);
+    assert_eq!(c.read(0, 512).expect("io").expect("simple read"), read_at(&file, 0, 512));
+}

@@ -387,6 +387,22 @@ impl Server {
         }
     }
 
+    /// A client of this `serve` declared itself a migration sender: if it is our own mirror
+    /// (through a forwarder or NAT, so `own_mirror_addr` could not tell), end both.
+    fn refuse_own_mirror(&mut self, id: ConnId) {
+        let own = match self.mirror.and_then(|t| self.conns.get(t.0)) {
+            Some(Conn::Mirror(m)) => m.sender(),
+            _ => return,
+        };
+        let Some(Conn::Client(c)) = self.conns.get(id.token.0) else { return };
+        if c.id != id || c.declared_sender != Some(own) {
+            return;
+        }
+        warn!("{} {}: refused: it is this server's own migration connection", c.id, c.peer);
+        self.close(id.token);
+        self.stop_mirror("1: Mirror target is this server itself");
+    }
+
     /// The local address of the running mirror's connection, if it has one.
     fn own_mirror_addr(&self) -> Option<SocketAddr> {
         match self.mirror.and_then(|t| self.conns.get(t.0)) {
@@ -415,6 +431,9 @@ impl Server {
     /// dead (e.g. a cut connection not yet noticed), so the older sender is dropped.
     fn replace_sender(&mut self) {
         let Some(id) = self.core.new_sender.take() else { return };
+        if !self.core.cfg.listen {
+            return self.refuse_own_mirror(id);
+        }
         let stale: Vec<Token> = self
             .conns
             .iter()

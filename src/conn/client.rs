@@ -116,6 +116,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     registered: Option<Interest>,
     /// Declared itself a migration sender (flexnbd option) during negotiation.
     pub migration_sender: bool,
+    /// The migration a sender said it is (in our option), whether or not we are its destination.
+    pub declared_sender: Option<u64>,
     /// A FLUSH completed and no write was accepted after it.
     flushed: bool,
     /// Some write-type request was accepted on this connection.
@@ -149,6 +151,7 @@ impl<S: Stream> ClientConn<S> {
             hup: false,
             registered: None,
             migration_sender: false,
+            declared_sender: None,
             flushed: false,
             wrote: false,
             disc: false,
@@ -505,10 +508,18 @@ impl<S: Stream> ClientConn<S> {
             OptCode::ListMetaContext | OptCode::SetMetaContext => {
                 self.meta_context(code, opt == OptCode::SetMetaContext, data)
             }
+            // Not a destination: the reactor still checks it is not our own mirror come round
+            // through a forwarder; to the sender we are any other server.
+            OptCode::FlexnbdMigrate if !ctx.cfg.listen && data.len() == 8 => {
+                self.declared_sender = Some(crate::proto::be64(data));
+                *ctx.new_sender = Some(self.id);
+                self.opt_reply(code, RepType::ErrUnsup, b"unsupported option");
+            }
             OptCode::FlexnbdMigrate if ctx.cfg.listen && (data.is_empty() || data.len() == 8) => {
                 self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
                 let sender = (data.len() == 8).then(|| crate::proto::be64(data));
+                self.declared_sender = sender;
                 // Our own option, so our own reply: the ACK carries the resume token.
                 let token = ctx.lineage.sender(sender);
                 self.opt_reply(code, RepType::Ack, &token.to_be_bytes());

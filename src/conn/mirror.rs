@@ -250,6 +250,11 @@ impl Mirror {
     }
 
     /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
+    /// Which migration this is, as told to destinations.
+    pub fn sender(&self) -> u64 {
+        self.sender
+    }
+
     /// A control session waiting on this mirror went away.
     pub fn forget_waiter(&mut self, t: Token) {
         if self.start_waiter == Some(t) {

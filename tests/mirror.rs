@@ -985,6 +985,35 @@ fn a_killed_mirror_commands_answer_does_not_reach_the_next_control_session() {
 }
 
 #[test]
+fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() {
+    let dir = TempDir::new("mirror-listen-writes");
+    let dst_file = dir.join("dst.img");
+    make_random_file(&dst_file, 4 * MIB, 75);
+    let dst = listen(&dst_file, None, &[]);
+    // Before any migration a plain client may write (the incoming copy overwrites it all).
+    let mut plain = Nbd::connect(dst.addr()).expect("connect");
+    assert_eq!(plain.write(0, &[7u8; 4096], 0).expect("io"), 0, "write before any sender");
+
+    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
+    let mut n = Negotiation::start(dst.addr()).expect("sender: greeting");
+    let r = n.option(OPT_FLEXNBD_MIGRATE, &0x77_u64.to_be_bytes()).expect("sender: option");
+    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
+    let (mut sender, _) = n.go("", &[]).expect("sender: GO");
+
+    // From now on a plain client's write would land in the middle of the copy: refused.
+    let before = read_at(&dst_file, MIB, 4096);
+    assert_eq!(plain.write(MIB, &[9u8; 4096], 0).expect("io"), EPERM, "plain write during a migration");
+    assert_eq!(plain.trim(MIB, 4096).expect("io"), EPERM, "plain trim during a migration");
+    assert_eq!(plain.write_zeroes(MIB, 4096, 0).expect("io"), EPERM, "plain write_zeroes during a migration");
+    assert_eq!(plain.read(MIB, 4096).expect("io").expect("plain read"), before, "plain read");
+    let mut late = Nbd::connect(dst.addr()).expect("connect a later plain client");
+    assert_eq!(late.write(0, &[9u8; 512], 0).expect("io"), EPERM, "a later plain client's write");
+    assert_eq!(sender.write(MIB, &[5u8; 4096], 0).expect("io"), 0, "the sender's write");
+    assert_eq!(sender.flush().expect("io"), 0);
+    assert_eq!(read_at(&dst_file, MIB, 4096), vec![5u8; 4096]);
+}
+
+#[test]
 fn mirroring_a_server_to_itself_is_refused() {
     let dir = TempDir::new("mirror-self");
     let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));

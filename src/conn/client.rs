@@ -578,7 +578,9 @@ impl<S: Stream> ClientConn<S> {
         let len = u64::from(req.len);
         let end = req.offset.checked_add(len);
         let inside = end.is_some_and(|e| e <= size);
-        let ro = ctx.export.read_only();
+        // A listen server that a migration is coming in to takes writes from its sender only.
+        let ro =
+            ctx.export.read_only() || (ctx.cfg.listen && !self.migration_sender && ctx.lineage.migrating());
         // A DISC never gets a reply, so flags we do not know cannot be refused there: the
         // client is leaving either way (an EINVAL would answer a request it thinks it never
         // has to wait for, and we would go on reading after it said goodbye).

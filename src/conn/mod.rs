@@ -66,12 +66,20 @@ pub struct Ctx<'a> {
 pub struct Lineage {
     token: u64,
     sender: Option<u64>,
+    /// A sender has declared itself: from then on only senders may change the file.
+    migrating: bool,
 }
 
 impl Lineage {
     /// `seed` is random per process, so another process never hands out a token seen here.
     pub fn new(seed: u64) -> Lineage {
-        Lineage { token: seed, sender: None }
+        Lineage { token: seed, sender: None, migrating: false }
+    }
+
+    /// Whether a migration sender has declared itself here. A plain client's write after that
+    /// would land in the middle of the incoming copy, or after the last pass over its range.
+    pub fn migrating(&self) -> bool {
+        self.migrating
     }
 
     /// A migration sender declared itself (`id` is None if it did not say who it is); returns
@@ -81,6 +89,7 @@ impl Lineage {
             self.token = self.token.wrapping_add(1);
         }
         self.sender = id;
+        self.migrating = true;
         self.token
     }
 

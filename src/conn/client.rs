@@ -498,9 +498,6 @@ impl<S: Stream> ClientConn<S> {
             OptCode::StructuredReply if !data.is_empty() => {
                 self.opt_reply(code, RepType::ErrInvalid, b"STRUCTURED_REPLY takes no data")
             }
-            OptCode::StructuredReply if !data.is_empty() => {
-                self.opt_reply(code, RepType::ErrInvalid, b"STRUCTURED_REPLY takes no data")
-            }
             OptCode::StructuredReply => {
                 self.structured = true;
                 self.opt_reply(code, RepType::Ack, &[]);

@@ -249,7 +249,6 @@ impl Mirror {
         self.spec.max_bps = if n == 0 { None } else { Some(n) };
     }
 
-    /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
     /// Which migration this is, as told to destinations.
     pub fn sender(&self) -> u64 {
         self.sender
@@ -267,6 +266,7 @@ impl Mirror {
         self.stream.as_ref().and_then(|s| s.local_addr().ok())
     }
 
+    /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
     pub fn teardown(&mut self, r: &Registry) {
         if let Some(mut s) = self.stream.take() {
             let _ = r.deregister(&mut s);

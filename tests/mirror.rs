@@ -68,6 +68,15 @@ fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
     l
 }
 
+/// A source alone (for refusals): its directory, file, control socket and process.
+fn source(tag: &str, size: u64, seed: u64) -> (TempDir, PathBuf, PathBuf, Server) {
+    let dir = TempDir::new(tag);
+    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
+    make_random_file(&src_file, size, seed);
+    let src = serve(&src_file, &src_sock);
+    (dir, src_file, src_sock, src)
+}
+
 /// The usual start of a migration test: a source serving `size` random bytes (seeded) with a
 /// control socket, and an empty sparse destination of the same size listening for it.
 struct Pair {
@@ -932,10 +941,7 @@ fn size_mismatch_is_refused_once() {
 
 #[test]
 fn nothing_listening_is_reported_as_failed_to_connect() {
-    let dir = TempDir::new("mirror-refused");
-    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
-    make_random_file(&src_file, MIB, 71);
-    let mut src = serve(&src_file, &src_sock);
+    let (_dir, _, src_sock, mut src) = source("mirror-refused", MIB, 71);
     let out = mirror(&src_sock, unused_port(), &[]);
     assert!(!out.success(), "mirror to a closed port must fail; stdout {:?}", out.stdout);
     assert!(out.stderr.contains("Mirror failed to connect"), "closed port: stderr {:?}", out.stderr);
@@ -946,10 +952,7 @@ fn nothing_listening_is_reported_as_failed_to_connect() {
 
 #[test]
 fn a_killed_mirror_commands_answer_does_not_reach_the_next_control_session() {
-    let dir = TempDir::new("mirror-killed-cli");
-    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
-    make_random_file(&src_file, MIB, 74);
-    let mut src = serve(&src_file, &src_sock);
+    let (_dir, _, src_sock, mut src) = source("mirror-killed-cli", MIB, 74);
     // A peer that never greets: the mirror's answer ("Remote server failed to respond") comes
     // after about 5 s, long after its command was killed.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1015,10 +1018,7 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
 
 #[test]
 fn mirroring_a_server_to_itself_is_refused() {
-    let dir = TempDir::new("mirror-self");
-    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
-    make_random_file(&src_file, 4 * MIB, 73);
-    let mut src = serve(&src_file, &src_sock);
+    let (_dir, src_file, src_sock, mut src) = source("mirror-self", 4 * MIB, 73);
     let out = mirror(&src_sock, src.port(), &[]);
     assert!(!out.success(), "mirror to the server's own port must fail; stdout {:?}", out.stdout);
     assert!(
@@ -1056,10 +1056,7 @@ fn mirroring_a_server_to_itself_is_refused() {
 
 #[test]
 fn a_destination_that_never_says_hello_is_reported_as_not_responding() {
-    let dir = TempDir::new("mirror-silent");
-    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
-    make_random_file(&src_file, MIB, 72);
-    let mut src = serve(&src_file, &src_sock);
+    let (_dir, _, src_sock, mut src) = source("mirror-silent", MIB, 72);
     // Accepts (the kernel completes the handshake from the backlog) and never writes a byte.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("local_addr").port();

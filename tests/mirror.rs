@@ -810,6 +810,9 @@ fn destination_killed_mid_way_and_restarted_still_completes() {
     src.assert_alive("while its destination was down");
     let st = status(&src_sock);
     assert_eq!(field(&st, "is_mirroring"), "true", "source gave up after the destination died: {st:?}");
+    // No checkpoint was reached, so the next attempt copies everything: the status says so
+    // rather than showing the dead attempt's figures.
+    assert_eq!(int_field(&st, "migration_bytes_left"), SIZE, "while retrying: {st:?}");
 
     let mut dst2 = listen_on_port(&dst_file, port, None);
     // Lift the limit so the retry is quick.

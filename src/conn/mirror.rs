@@ -225,6 +225,14 @@ impl Mirror {
 
     /// Bytes still to send: the rest of this pass plus everything dirtied since.
     pub fn bytes_left(&self, core: &Core) -> u64 {
+        // Between attempts the last one's figures are stale: the next copies everything, or on
+        // a resume what the checkpoint does not cover.
+        if matches!(self.state, State::Backoff | State::Connecting | State::Hello | State::Negotiating) {
+            return match (&self.resume_from, core.dirty.as_ref()) {
+                (Some(_), Some(d)) => d.dirty_bytes(),
+                _ => core.export.size(),
+            };
+        }
         let pass_left = if self.pass == 0 {
             core.export.size().saturating_sub(self.cursor)
         } else {

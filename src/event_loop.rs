@@ -348,7 +348,7 @@ impl Server {
                     continue;
                 }
             };
-            if self.own_mirror_addr() == Some(peer) {
+            if self.is_own_mirror(&stream, peer) {
                 // Every block we sent ourselves would dirty the map again: the passes would never
                 // shrink and the freeze would wait for an answer from a frozen client.
                 warn!("refused {peer}: it is this server's own migration connection");
@@ -389,25 +389,32 @@ impl Server {
 
     /// A client of this `serve` declared itself a migration sender: if it is our own mirror
     /// (through a forwarder or NAT, so `own_mirror_addr` could not tell), end both.
-    fn refuse_own_mirror(&mut self, id: ConnId) {
+    fn refuse_own_mirror(&mut self) {
         let own = match self.mirror.and_then(|t| self.conns.get(t.0)) {
             Some(Conn::Mirror(m)) => m.sender(),
             _ => return,
         };
-        let Some(Conn::Client(c)) = self.conns.get(id.token.0) else { return };
-        if c.id != id || c.declared_sender != Some(own) {
+        // Scan rather than look up the new sender: two declarations in one pass keep only one.
+        let Some((k, c)) = self.conns.iter().find_map(|(k, c)| match c {
+            Conn::Client(c) if c.declared_sender == Some(own) => Some((k, c)),
+            _ => None,
+        }) else {
             return;
-        }
+        };
         warn!("{} {}: refused: it is this server's own migration connection", c.id, c.peer);
-        self.close(id.token);
+        self.close(Token(k));
         self.stop_mirror("1: Mirror target is this server itself");
     }
 
-    /// The local address of the running mirror's connection, if it has one.
-    fn own_mirror_addr(&self) -> Option<SocketAddr> {
-        match self.mirror.and_then(|t| self.conns.get(t.0)) {
-            Some(Conn::Mirror(m)) => m.local_addr(),
-            _ => None,
+    /// Whether an accepted connection is the running mirror's own, by both its ends (a local
+    /// port may be reused towards another destination, so one end alone proves nothing; and a
+    /// dual-stack listener sees IPv4 peers as IPv4-mapped IPv6).
+    fn is_own_mirror(&self, stream: &mio::net::TcpStream, peer: SocketAddr) -> bool {
+        let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0)) else { return false };
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        match (m.local_addr(), m.peer_addr(), stream.local_addr()) {
+            (Some(ml), Some(mp), Ok(ours)) => canon(ml) == canon(peer) && canon(mp) == canon(ours),
+            _ => false,
         }
     }
 
@@ -428,11 +435,12 @@ impl Server {
     }
 
     /// listen admits one migration sender at a time: a new one means the previous attempt is
-    /// dead (e.g. a cut connection not yet noticed), so the older sender is dropped.
+    /// dead (e.g. a cut connection not yet noticed), so the older sender is dropped. On a serve,
+    /// a declared sender may be our own mirror come back through a forwarder.
     fn replace_sender(&mut self) {
         let Some(id) = self.core.new_sender.take() else { return };
         if !self.core.cfg.listen {
-            return self.refuse_own_mirror(id);
+            return self.refuse_own_mirror();
         }
         let stale: Vec<Token> = self
             .conns
@@ -706,6 +714,9 @@ impl Server {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
                 self.core.num_clients -= 1;
+                if c.counted_sender {
+                    self.core.lineage.sender_left();
+                }
                 if self.core.num_clients == 0 {
                     // Nobody to reuse them for: give the memory back.
                     self.core.bufs.clear();

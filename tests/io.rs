@@ -491,11 +491,13 @@ fn flags_that_do_not_belong_to_a_command_are_einval() {
     // FUA goes with anything; the refused WRITE's payload was skipped and changed nothing.
     assert_eq!(c.command(CMD_FLUSH, CMD_FLAG_FUA, 0, 0).expect("io"), 0, "FLUSH with FUA");
     assert_eq!(
-        c.write_zeroes(0, 4096, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA).expect("io"),
+        c.write_zeroes(8192, 4096, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA).expect("io"),
         0,
         "WRITE_ZEROES flags"
     );
-    assert_eq!(c.read(4096, 512).expect("io").expect("read after"), read_at(&file, 4096, 512));
+    let original = read_at(&file, 0, 512);
+    assert_ne!(original, vec![1u8; 512]);
+    assert_eq!(c.read(0, 512).expect("io").expect("read after"), original, "the refused WRITE landed");
     let mut s = Nbd::connect_structured(server.addr()).expect("connect with structured replies");
     let cookie = s.cookie();
     s.send_request(CMD_FLAG_DF, CMD_READ, cookie, 0, 4096).expect("send READ with DF");

@@ -42,8 +42,6 @@ const SENDFILE_MIN: usize = 32 * 1024;
 const BULK_WRITE: usize = 32 * 1024;
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
-const KNOWN_CMD_FLAGS: u16 =
-    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -118,6 +116,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     pub migration_sender: bool,
     /// The migration a sender said it is (in our option), whether or not we are its destination.
     pub declared_sender: Option<u64>,
+    /// Counted in `Lineage` as a connected sender (to be uncounted when it closes).
+    pub counted_sender: bool,
     /// A FLUSH completed and no write was accepted after it.
     flushed: bool,
     /// Some write-type request was accepted on this connection.
@@ -152,6 +152,7 @@ impl<S: Stream> ClientConn<S> {
             registered: None,
             migration_sender: false,
             declared_sender: None,
+            counted_sender: false,
             flushed: false,
             wrote: false,
             disc: false,
@@ -471,6 +472,9 @@ impl<S: Stream> ClientConn<S> {
                 self.opt_reply(code, RepType::Ack, &[]);
             }
             OptCode::Info | OptCode::Go => match hs::parse_export_request(data) {
+                Err(hs::ParseError::TooLong { .. }) => {
+                    self.opt_reply(code, RepType::ErrTooBig, b"export name longer than 4096 bytes")
+                }
                 Err(_) => self.opt_reply(code, RepType::ErrInvalid, b"malformed export request"),
                 Ok(req) => {
                     self.opt_reply(
@@ -519,6 +523,7 @@ impl<S: Stream> ClientConn<S> {
                 self.declared_sender = sender;
                 // Our own option, so our own reply: the ACK carries the resume token.
                 let token = ctx.lineage.sender(sender);
+                self.counted_sender = true;
                 self.opt_reply(code, RepType::Ack, &token.to_be_bytes());
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),
@@ -575,19 +580,14 @@ impl<S: Stream> ClientConn<S> {
         let len = u64::from(req.len);
         let end = req.offset.checked_add(len);
         let inside = end.is_some_and(|e| e <= size);
-        // A listen server that a migration is coming in to takes writes from its sender only.
-        let ro =
-            ctx.export.read_only() || (ctx.cfg.listen && !self.migration_sender && ctx.lineage.migrating());
-        // A DISC never gets a reply, so flags we do not know cannot be refused there: the
-        // client is leaving either way (an EINVAL would answer a request it thinks it never
-        // has to wait for, and we would go on reading after it said goodbye).
-        if req.flags & !KNOWN_CMD_FLAGS != 0 && req.kind != Cmd::Disc as u16 {
-            return self.refuse(req, NbdErr::Inval);
-        }
+        let ro = ctx.export.read_only() || self.sender_only(ctx);
         let Some(cmd) = req.cmd() else {
             debug!("{} {}: unknown command {}", self.id, self.peer, req.kind);
             return self.reply_error(req, NbdErr::Inval, "unknown command");
         };
+        // A DISC never gets a reply, so flags cannot be refused there: the client is leaving
+        // either way (an EINVAL would answer a request it thinks it never has to wait for, and
+        // we would go on reading after it said goodbye).
         if cmd != Cmd::Disc && !tx::flags_fit(cmd, req.flags, self.structured) {
             return self.refuse(req, NbdErr::Inval);
         }
@@ -618,13 +618,13 @@ impl<S: Stream> ClientConn<S> {
                 self.phase = Phase::Draining;
             }
             Cmd::Flush => self.submit(ctx, req, Op::Flush, Vec::new()),
-            Cmd::Trim if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
+            Cmd::Trim if ro => self.reply_error(req, NbdErr::Perm, "not writable now"),
             Cmd::Trim if !inside => self.reply_error(req, NbdErr::Inval, "trim beyond the end"),
             Cmd::Trim => {
                 self.note_write(ctx);
                 self.submit(ctx, req, Op::Trim { offset: req.offset, len, fua }, Vec::new())
             }
-            Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "read-only export"),
+            Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "not writable now"),
             Cmd::WriteZeroes if !inside => self.reply_error(req, NbdErr::NoSpc, "write beyond the end"),
             Cmd::WriteZeroes => {
                 self.note_write(ctx);
@@ -648,6 +648,11 @@ impl<S: Stream> ClientConn<S> {
                 self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
             }
         }
+    }
+
+    /// A listen server takes writes from its migration sender only while one is connected.
+    fn sender_only(&self, ctx: &Ctx) -> bool {
+        ctx.cfg.listen && !self.migration_sender && ctx.lineage.migrating()
     }
 
     /// A write-type request was accepted.
@@ -679,6 +684,12 @@ impl<S: Stream> ClientConn<S> {
             // in_flight was counted when the header arrived.
             self.in_flight -= 1;
             self.in_flight_bytes -= buf.len();
+            if self.sender_only(ctx) {
+                // Its header came before a sender connected; the sender's data must not be
+                // overwritten now.
+                ctx.bufs.give(buf);
+                return self.reply_error(req, NbdErr::Perm, "a migration is coming in");
+            }
             let fua = req.flags & CMD_FLAG_FUA != 0;
             self.submit(ctx, req, Op::Write { offset: req.offset, fua }, buf);
         }

@@ -17,12 +17,13 @@
 //! | any         | failure before the first hello          | refused (reported, no retry)   |
 //! | any         | failure after a hello                   | Backoff -> Connecting          |
 //!
-//! Resuming: a flexnbd destination answers our migrate option with a random instance id. Each
-//! checkpoint (a FLUSH between passes) makes everything acknowledged before it safe on that
-//! instance; what a checkpoint does not cover is the pass after it (`pass_origin`) plus every
-//! range dirtied since. After a failure the source keeps tracking writes, and if the next
-//! attempt reaches the same instance it re-sends only that; any other destination (or no
-//! checkpoint yet) gets a full copy.
+//! Resuming: a flexnbd destination answers our migrate option (which carries `sender`, the same
+//! for every attempt) with a resume token (`Lineage` on its side: it changes when the file may
+//! hold anything we did not write there). Each checkpoint (a FLUSH between passes) makes
+//! everything acknowledged before it safe under that token; what a checkpoint does not cover is
+//! the pass after it (`pass_origin`) plus every range dirtied since. After a failure the source
+//! keeps tracking writes, and if the next attempt gets the same token it re-sends only that; any
+//! other token or destination (or no checkpoint yet) gets a full copy.
 //!
 //! Every client write marks the dirty map when it completes (before it is acknowledged), so an
 //! acknowledged write is either in data a pass read afterwards or still dirty; the freeze waits
@@ -123,9 +124,9 @@ pub struct Mirror {
     started: bool,
     /// The destination's size from NBD_INFO_EXPORT, until GO is acknowledged.
     remote_size: Option<u64>,
-    /// Instance id the destination offered in this attempt's negotiation.
+    /// Resume token the destination offered in this attempt's negotiation.
     offered_instance: Option<u64>,
-    /// Instance the current (or last) attempt copied to.
+    /// Token the current (or last) attempt copied under.
     dest_instance: Option<u64>,
     /// Sent with our migration option: a destination hands the same token back to the same
     /// sender only (see `Lineage`).
@@ -272,6 +273,10 @@ impl Mirror {
 
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.as_ref().and_then(|s| s.peer_addr().ok())
     }
 
     /// Stops everything (break, or the reactor is exiting); clients are thawed by the caller.
@@ -542,12 +547,12 @@ impl Mirror {
         match core.dirty.replace(DirtyMap::new(size)) {
             Some(left) if resume => {
                 info!(
-                    "mirror {}: destination instance {:016x} kept what it acknowledged; re-sending {} bytes",
+                    "mirror {}: destination token {:016x} unchanged: it kept what it acknowledged; re-sending {} bytes",
                     self.id,
                     self.dest_instance.unwrap_or(0),
                     left.dirty_bytes()
                 );
-                // The old checkpoint still holds on this instance; it does not cover `left`.
+                // The old checkpoint still holds under this token; it does not cover `left`.
                 self.pass = 1;
                 self.pass_origin = Some(left.clone());
                 self.pass_map = Some(left);
@@ -758,7 +763,7 @@ impl Mirror {
         self.checkpoint_cookie = None;
         let origin = self.pass_origin.take();
         match (self.checkpointed, origin, core.dirty.as_mut()) {
-            // Keep tracking writes: if the next attempt reaches the same instance, only these
+            // Keep tracking writes: if the next attempt gets the same token, only these
             // ranges (and what changes meanwhile) need sending again.
             (true, Some(origin), Some(dirty)) => {
                 dirty.merge(&origin);

@@ -66,20 +66,26 @@ pub struct Ctx<'a> {
 pub struct Lineage {
     token: u64,
     sender: Option<u64>,
-    /// A sender has declared itself: from then on only senders may change the file.
-    migrating: bool,
+    /// Declared senders still connected: while there is one, only senders may change the file.
+    open_senders: usize,
 }
 
 impl Lineage {
     /// `seed` is random per process, so another process never hands out a token seen here.
     pub fn new(seed: u64) -> Lineage {
-        Lineage { token: seed, sender: None, migrating: false }
+        Lineage { token: seed, sender: None, open_senders: 0 }
     }
 
-    /// Whether a migration sender has declared itself here. A plain client's write after that
-    /// would land in the middle of the incoming copy, or after the last pass over its range.
+    /// Whether a migration attempt is connected. A plain client's write now would land in the
+    /// middle of the incoming copy, or after the last pass over its range; between attempts it
+    /// only makes the next attempt copy everything (`foreign_write`).
     pub fn migrating(&self) -> bool {
-        self.migrating
+        self.open_senders > 0
+    }
+
+    /// A declared sender's connection closed.
+    pub fn sender_left(&mut self) {
+        self.open_senders = self.open_senders.saturating_sub(1);
     }
 
     /// A migration sender declared itself (`id` is None if it did not say who it is); returns
@@ -89,7 +95,7 @@ impl Lineage {
             self.token = self.token.wrapping_add(1);
         }
         self.sender = id;
-        self.migrating = true;
+        self.open_senders += 1;
         self.token
     }
 
@@ -184,5 +190,20 @@ mod tests {
         assert_ne!(l.sender(Some(7)), c, "after a plain client wrote");
         let d = l.sender(None);
         assert_ne!(l.sender(None), d, "a sender that does not say who it is never resumes");
+    }
+
+    #[test]
+    fn plain_writes_are_refused_only_while_a_sender_is_connected() {
+        let mut l = Lineage::new(5);
+        assert!(!l.migrating());
+        l.sender(Some(1));
+        l.sender(Some(1));
+        assert!(l.migrating());
+        l.sender_left();
+        assert!(l.migrating(), "the newer connection is still there");
+        l.sender_left();
+        assert!(!l.migrating());
+        l.sender_left();
+        assert!(!l.migrating());
     }
 }

@@ -156,7 +156,10 @@ fn take_string<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8
     }
     let len = be32(b) as usize;
     let b = &b[4..];
-    if b.len() < len || len > MAX_STRING_LEN {
+    if len > MAX_STRING_LEN {
+        return Err(ParseError::TooLong { len: len as u64, max: MAX_STRING_LEN as u64 });
+    }
+    if b.len() < len {
         return Err(ParseError::Malformed(what));
     }
     Ok(b.split_at(len))

@@ -68,6 +68,19 @@ fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
     l
 }
 
+/// Declares a raw connection a migration sender, the way our mirror does: FlexnbdSender with
+/// the migration's id, then FlexnbdMigrate; then GO.
+fn declare_sender(addr: SocketAddr, id: u64) -> Nbd {
+    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
+    const OPT_FLEXNBD_SENDER: u32 = 0x4658_0002;
+    let mut n = Negotiation::start(addr).expect("sender: greeting");
+    let r = n.option(OPT_FLEXNBD_SENDER, &id.to_be_bytes()).expect("sender: id option");
+    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender id refused: {r:?}");
+    let r = n.option(OPT_FLEXNBD_MIGRATE, &[]).expect("sender: migrate option");
+    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
+    n.go("", &[]).expect("sender: GO").0
+}
+
 /// A source alone (for refusals): its directory, file, control socket and process.
 fn source(tag: &str, size: u64, seed: u64) -> (TempDir, PathBuf, PathBuf, Server) {
     let dir = TempDir::new(tag);
@@ -766,11 +779,7 @@ fn a_retry_copies_everything_again_when_another_sender_wrote_to_the_destination(
     assert!(src.wait_for_line("freezing clients", MIGRATION_TIMEOUT), "no freeze: {}", src.stderr_text());
 
     // Meanwhile another sender (an operator's mistake) takes the destination over and writes.
-    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
-    let mut n = Negotiation::start(dst.addr()).expect("second sender: greeting");
-    let r = n.option(OPT_FLEXNBD_MIGRATE, &0x1234_5678_u64.to_be_bytes()).expect("second sender: option");
-    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "second sender refused: {r:?}");
-    let (mut b, _) = n.go("", &[]).expect("second sender: GO");
+    let mut b = declare_sender(dst.addr(), 0x1234_5678);
     assert_eq!(b.write(0, &random_bytes(MIB as usize, 142), 0).expect("io"), 0, "second sender's write");
     assert_eq!(b.flush().expect("io"), 0);
     drop(b);
@@ -1017,11 +1026,7 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
         .and_then(|()| straddler.sock.write_all(&[3u8; 2048]))
         .expect("send half a WRITE");
 
-    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
-    let mut n = Negotiation::start(dst.addr()).expect("sender: greeting");
-    let r = n.option(OPT_FLEXNBD_MIGRATE, &0x77_u64.to_be_bytes()).expect("sender: option");
-    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
-    let (mut sender, _) = n.go("", &[]).expect("sender: GO");
+    let mut sender = declare_sender(dst.addr(), 0x77);
 
     // From now on a plain client's write would land in the middle of the copy: refused.
     let before = read_at(&dst_file, MIB, 4096);

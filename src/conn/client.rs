@@ -509,18 +509,22 @@ impl<S: Stream> ClientConn<S> {
             OptCode::ListMetaContext | OptCode::SetMetaContext => {
                 self.meta_context(code, opt == OptCode::SetMetaContext, data)
             }
-            // Not a destination: the reactor still checks it is not our own mirror come round
-            // through a forwarder; to the sender we are any other server.
-            OptCode::FlexnbdMigrate if !ctx.cfg.listen && data.len() == 8 => {
+            OptCode::FlexnbdSender if data.len() == 8 => {
                 self.declared_sender = Some(crate::proto::be64(data));
-                *ctx.new_sender = Some(self.id);
-                self.opt_reply(code, RepType::ErrUnsup, b"unsupported option");
+                if ctx.cfg.listen {
+                    self.opt_reply(code, RepType::Ack, &[]);
+                } else {
+                    // Not a destination: the reactor still checks it is not our own mirror come
+                    // round through a forwarder; to the sender we are any other server.
+                    *ctx.new_sender = Some(self.id);
+                    self.opt_reply(code, RepType::ErrUnsup, b"unsupported option");
+                }
             }
-            OptCode::FlexnbdMigrate if ctx.cfg.listen && (data.is_empty() || data.len() == 8) => {
+            OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
                 self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
-                let sender = (data.len() == 8).then(|| crate::proto::be64(data));
-                self.declared_sender = sender;
+                // Who it is came just before, in FlexnbdSender (if it said).
+                let sender = self.declared_sender;
                 // Our own option, so our own reply: the ACK carries the resume token.
                 let token = ctx.lineage.sender(sender);
                 self.counted_sender = true;

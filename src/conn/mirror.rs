@@ -17,8 +17,8 @@
 //! | any         | failure before the first hello          | refused (reported, no retry)   |
 //! | any         | failure after a hello                   | Backoff -> Connecting          |
 //!
-//! Resuming: a flexnbd destination answers our migrate option (which carries `sender`, the same
-//! for every attempt) with a resume token (`Lineage` on its side: it changes when the file may
+//! Resuming: a flexnbd destination answers our migrate option (preceded by one carrying
+//! `sender`, the same for every attempt) with a resume token (`Lineage` on its side: it changes when the file may
 //! hold anything we did not write there). Each checkpoint (a FLUSH between passes) makes
 //! everything acknowledged before it safe under that token; what a checkpoint does not cover is
 //! the pass after it (`pass_origin`) plus every range dirtied since. After a failure the source
@@ -128,7 +128,7 @@ pub struct Mirror {
     offered_instance: Option<u64>,
     /// Token the current (or last) attempt copied under.
     dest_instance: Option<u64>,
-    /// Sent with our migration option: a destination hands the same token back to the same
+    /// Sent before our migration option: a destination hands the same token back to the same
     /// sender only (see `Lineage`).
     sender: u64,
     /// Set by a failure that left a usable checkpoint on `dest_instance`.
@@ -518,7 +518,8 @@ impl Mirror {
             cflags |= CLIENT_NO_ZEROES;
         }
         let mut b = cflags.to_be_bytes().to_vec();
-        hs::encode_option(&mut b, OptCode::FlexnbdMigrate as u32, &self.sender.to_be_bytes());
+        hs::encode_option(&mut b, OptCode::FlexnbdSender as u32, &self.sender.to_be_bytes());
+        hs::encode_option(&mut b, OptCode::FlexnbdMigrate as u32, &[]);
         let mut go = Vec::new();
         hs::encode_export_request(&mut go, b"", &[]);
         hs::encode_option(&mut b, OptCode::Go as u32, &go);

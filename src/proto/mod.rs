@@ -106,6 +106,10 @@ wire_enum!(
         ExtendedHeaders = 11,
         /// flexnbd-specific: the client declares itself a migration sender (see DESIGN §6).
         FlexnbdMigrate = 0x4658_0001,
+        /// flexnbd-specific, sent just before FlexnbdMigrate: 8 bytes naming the migration (the
+        /// same for each of its attempts). A separate option so that older destinations, which
+        /// take FlexnbdMigrate only without data, still take it.
+        FlexnbdSender = 0x4658_0002,
     }
 );
 

@@ -851,8 +851,7 @@ fn break_and_mirror_again_three_times_then_complete() {
         pair("mirror-break", SIZE, 41, &[]);
 
     let out = cli(&["break", "-s", s(&src_sock)]);
-    assert!(!out.success(), "break without a migration should fail: {:?}", out.stdout);
-    assert!(out.stderr.contains("not mirroring"), "break without a migration: stderr {:?}", out.stderr);
+    out.assert_failure_with("not mirroring", "break without a migration");
 
     for round in 1..=3 {
         start_mirror(&src_sock, dst.port(), &["--max-bps", &(4 * MIB).to_string()]);
@@ -860,8 +859,7 @@ fn break_and_mirror_again_three_times_then_complete() {
         assert_eq!(field(&st, "is_mirroring"), "true", "round {round}, after mirror: {st:?}");
         if round == 1 {
             let out = mirror(&src_sock, dst.port(), &[]);
-            assert!(!out.success(), "a second mirror while one runs must fail: {:?}", out.stdout);
-            assert!(out.stderr.contains("mirror already running"), "second mirror: {:?}", out.stderr);
+            out.assert_failure_with("mirror already running", "a second mirror while one runs");
         }
         thread::sleep(Duration::from_millis(200));
         let out = cli(&["break", "-s", s(&src_sock)]);
@@ -945,12 +943,7 @@ fn size_mismatch_is_refused_once() {
     let mut dst = listen(&dst_file, None, &[]);
 
     let out = mirror(&src_sock, dst.port(), &[]);
-    assert!(!out.success(), "mirror to a different size must fail; stdout {:?}", out.stdout);
-    assert!(
-        out.stderr.contains("Remote size does not match local size"),
-        "size mismatch: stderr {:?}",
-        out.stderr
-    );
+    out.assert_failure_with("Remote size does not match local size", "mirror to a different size");
     thread::sleep(Duration::from_secs(3));
     let n = connections_logged(&dst);
     assert!(n <= 2, "the destination saw {n} connections in 3 s: the refused mirror retries");
@@ -964,8 +957,7 @@ fn size_mismatch_is_refused_once() {
 fn nothing_listening_is_reported_as_failed_to_connect() {
     let (_dir, _, src_sock, mut src) = source("mirror-refused", MIB, 71);
     let out = mirror(&src_sock, unused_port(), &[]);
-    assert!(!out.success(), "mirror to a closed port must fail; stdout {:?}", out.stdout);
-    assert!(out.stderr.contains("Mirror failed to connect"), "closed port: stderr {:?}", out.stderr);
+    out.assert_failure_with("Mirror failed to connect", "mirror to a closed port");
     let st = status(&src_sock);
     assert_eq!(field(&st, "is_mirroring"), "false", "after a failed mirror: {st:?}");
     src.assert_alive("after a failed mirror");
@@ -1063,12 +1055,7 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
 fn mirroring_a_server_to_itself_is_refused() {
     let (_dir, src_file, src_sock, mut src) = source("mirror-self", 4 * MIB, 73);
     let out = mirror(&src_sock, src.port(), &[]);
-    assert!(!out.success(), "mirror to the server's own port must fail; stdout {:?}", out.stdout);
-    assert!(
-        out.stderr.contains("Mirror target is this server itself"),
-        "self mirror: stderr {:?}",
-        out.stderr
-    );
+    out.assert_failure_with("Mirror target is this server itself", "mirror to the server's own port");
     let st = status(&src_sock);
     assert_eq!(field(&st, "is_mirroring"), "false", "after a refused self mirror: {st:?}");
     assert_eq!(field(&st, "clients_allowed"), "true", "after a refused self mirror: {st:?}");
@@ -1078,12 +1065,7 @@ fn mirroring_a_server_to_itself_is_refused() {
     // Through a forwarder (or NAT) the addresses do not match, but the migration option does.
     let relay = Relay::start(src.addr(), u64::MAX);
     let out = mirror(&src_sock, relay.port, &[]);
-    assert!(
-        !out.success() && out.stderr.contains("Mirror target is this server itself"),
-        "self mirror through a relay: stdout {:?} stderr {:?}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_failure_with("Mirror target is this server itself", "self mirror through a relay");
     assert!(src.wait_for_line("own migration connection", IO_TIMEOUT), "{}", src.stderr_text());
     let until = Instant::now() + IO_TIMEOUT;
     while field(&status(&src_sock), "is_mirroring") == "true" {
@@ -1104,8 +1086,7 @@ fn a_destination_that_never_says_hello_is_reported_as_not_responding() {
     let port = silent.local_addr().expect("local_addr").port();
     let t0 = Instant::now();
     let out = mirror(&src_sock, port, &[]);
-    assert!(!out.success(), "mirror to a silent peer must fail; stdout {:?}", out.stdout);
-    assert!(out.stderr.contains("Remote server failed to respond"), "silent peer: stderr {:?}", out.stderr);
+    out.assert_failure_with("Remote server failed to respond", "mirror to a silent peer");
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?} to give up", t0.elapsed());
     assert_eq!(field(&status(&src_sock), "is_mirroring"), "false");
     src.assert_alive("after a silent destination");
@@ -1173,8 +1154,7 @@ fn mirror_with_bind_reaches_a_destination_with_an_acl() {
 
     // From 127.0.0.1 the destination closes before its hello.
     let out = mirror(&src_sock, dst.port(), &[]);
-    assert!(!out.success(), "mirror from an address the ACL refuses must fail; stdout {:?}", out.stdout);
-    assert!(out.stderr.contains("Mirror was rejected"), "ACL refusal: stderr {:?}", out.stderr);
+    out.assert_failure_with("Mirror was rejected", "mirror from an address the ACL refuses");
     dst.assert_alive("after refusing a sender by ACL");
 
     start_mirror(&src_sock, dst.port(), &["--bind", "127.0.0.2"]);

@@ -333,6 +333,17 @@ impl ToolOutput {
             self.stderr
         );
     }
+
+    /// Panic (showing the output) unless the command failed and said `needle` on stderr.
+    pub fn assert_failure_with(&self, needle: &str, what: &str) {
+        assert!(
+            !self.success() && self.stderr.contains(needle),
+            "{what}: expected a failure saying {needle:?}; status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
 }
 
 fn drain_to_string<R: Read + Send + 'static>(r: Option<R>) -> Option<JoinHandle<String>> {

@@ -714,7 +714,7 @@ impl Server {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
                 self.core.num_clients -= 1;
-                if c.counted_sender {
+                if c.migration_sender {
                     self.core.lineage.sender_left();
                 }
                 if self.core.num_clients == 0 {

@@ -1052,6 +1052,28 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
 }
 
 #[test]
+fn a_sender_that_declares_itself_twice_still_lets_plain_writes_back_when_it_goes() {
+    let dir = TempDir::new("mirror-declare-twice");
+    let dst_file = dir.join("dst.img");
+    make_random_file(&dst_file, MIB, 76);
+    let dst = listen(&dst_file, None, &[]);
+    let mut plain = Nbd::connect(dst.addr()).expect("connect");
+    let mut n = Negotiation::start(dst.addr()).expect("sender: greeting");
+    for _ in 0..2 {
+        let r = n.option(0x4658_0001, &[]).expect("sender: migrate option");
+        assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
+    }
+    assert_eq!(plain.write(0, &[1u8; 512], 0).expect("io"), EPERM, "plain write while a sender is there");
+    let _ = n.sock.shutdown(Shutdown::Both);
+    drop(n);
+    let until = Instant::now() + Duration::from_secs(5);
+    while plain.write(0, &[1u8; 512], 0).expect("io") != 0 {
+        assert!(Instant::now() < until, "plain writes still refused after the only sender left");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn mirroring_a_server_to_itself_is_refused() {
     let (_dir, src_file, src_sock, mut src) = source("mirror-self", 4 * MIB, 73);
     let out = mirror(&src_sock, src.port(), &[]);

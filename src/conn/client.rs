@@ -116,8 +116,6 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     pub migration_sender: bool,
     /// The migration a sender said it is (in our option), whether or not we are its destination.
     pub declared_sender: Option<u64>,
-    /// Counted in `Lineage` as a connected sender (to be uncounted when it closes).
-    pub counted_sender: bool,
     /// A FLUSH completed and no write was accepted after it.
     flushed: bool,
     /// Some write-type request was accepted on this connection.
@@ -152,7 +150,6 @@ impl<S: Stream> ClientConn<S> {
             registered: None,
             migration_sender: false,
             declared_sender: None,
-            counted_sender: false,
             flushed: false,
             wrote: false,
             disc: false,
@@ -521,13 +518,16 @@ impl<S: Stream> ClientConn<S> {
                 }
             }
             OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
+                // A repeated option must not count the connection twice.
+                if !self.migration_sender {
+                    ctx.lineage.sender_joined();
+                }
                 self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
                 // Who it is came just before, in FlexnbdSender (if it said).
                 let sender = self.declared_sender;
                 // Our own option, so our own reply: the ACK carries the resume token.
                 let token = ctx.lineage.sender(sender);
-                self.counted_sender = true;
                 self.opt_reply(code, RepType::Ack, &token.to_be_bytes());
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),

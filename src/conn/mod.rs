@@ -83,7 +83,13 @@ impl Lineage {
         self.open_senders > 0
     }
 
-    /// A declared sender's connection closed.
+    /// A connection declared itself a sender (once per connection).
+    pub fn sender_joined(&mut self) {
+        self.open_senders += 1;
+    }
+
+    /// A sender's connection closed. Oldstyle senders never declare themselves, so they never
+    /// joined: the count saturates at zero rather than tracking them.
     pub fn sender_left(&mut self) {
         self.open_senders = self.open_senders.saturating_sub(1);
     }
@@ -95,7 +101,6 @@ impl Lineage {
             self.token = self.token.wrapping_add(1);
         }
         self.sender = id;
-        self.open_senders += 1;
         self.token
     }
 
@@ -197,7 +202,9 @@ mod tests {
         let mut l = Lineage::new(5);
         assert!(!l.migrating());
         l.sender(Some(1));
-        l.sender(Some(1));
+        assert!(!l.migrating(), "a token alone does not count as a connection");
+        l.sender_joined();
+        l.sender_joined();
         assert!(l.migrating());
         l.sender_left();
         assert!(l.migrating(), "the newer connection is still there");

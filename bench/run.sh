@@ -324,7 +324,7 @@ stop_sampler() {
 }
 
 # fio job against a running server; prints IOPS or returns non-zero.
-run_fio() {  # run_fio PORT RW DEPTH JSONOUT
+run_fio() {  # run_fio PORT RW DEPTH JSONOUT (report.py fio-iops reads the IOPS from it)
     local port=$1 rw=$2 depth=$3 out=$4
     timeout --kill-after=5 $((RUNTIME + RAMP + 60)) "${RUN[@]}" \
         fio --name="$rw-qd$depth" --ioengine=nbd --uri="nbd://127.0.0.1:$port" \
@@ -335,7 +335,6 @@ run_fio() {  # run_fio PORT RW DEPTH JSONOUT
         log "fio $rw qd$depth exited non-zero:"; sed 's/^/    /' "$out.stderr" >&2
         return 1
     }
-    python3 "$HERE/report.py" fio-iops "$out" "$rw" "$RUNTIME"
 }
 
 ALL_METRICS=(rss_idle data_check seq_read seq_write cpu_per_gib randread_qd1 randread_qd32
@@ -434,8 +433,9 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
                 (( d == 32 )) && start_sampler "${SPID[$s]}" "$BENCH_DIR/rss-load-$s"
                 out=$BENCH_DIR/logs/fio-$s-r$r-$rw-qd$d.json
                 cpu_mark 0 "$s"
-                if v=$(run_fio "${SPORT[$s]}" "$rw" "$d" "$out"); then
-                    cpu_mark 1 "$s"
+                # The IOPS are read out only after cpu_mark 1: python3 is not fio's CPU.
+                if run_fio "${SPORT[$s]}" "$rw" "$d" "$out" && cpu_mark 1 "$s" \
+                        && v=$(python3 "$HERE/report.py" fio-iops "$out" "$rw" "$RUNTIME"); then
                     record "$r" "$s" "${rw}_qd$d" "$v"
                     (( d == 32 )) && cpu_share "$r" "$s" "${rw}_qd$d"
                 else

@@ -475,11 +475,7 @@ const FLUSH_HEADER: [u8; 8] = [0x25, 0x60, 0x95, 0x13, 0, 0, 0, 3];
 
 impl Relay {
     fn start(target: SocketAddr, cut_after: u64) -> Relay {
-        Relay::start_with(target, Cut::After(cut_after))
-    }
-
-    fn start_with(target: SocketAddr, cut: Cut) -> Relay {
-        Relay::start_full(target, cut, true)
+        Relay::start_full(target, Cut::After(cut_after), true)
     }
 
     /// `later`: whether connections after the first are relayed too (else they are closed).
@@ -773,7 +769,7 @@ fn a_retry_copies_everything_again_when_another_sender_wrote_to_the_destination(
     let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
         pair("mirror-two-senders", 8 * MIB, 141, &[]);
     let release = Arc::new(AtomicBool::new(false));
-    let relay = Relay::start_with(dst.addr(), Cut::AtFlush { n: 2, release: Arc::clone(&release) });
+    let relay = Relay::start_full(dst.addr(), Cut::AtFlush { n: 2, release: Arc::clone(&release) }, true);
     start_mirror(&src_sock, relay.port, &[]);
     // Our source has checkpointed everything and is frozen on its final FLUSH (held by the relay).
     assert!(src.wait_for_line("freezing clients", MIGRATION_TIMEOUT), "no freeze: {}", src.stderr_text());

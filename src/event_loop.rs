@@ -3,6 +3,7 @@
 //! state; disk workers only ever see jobs.
 
 use crate::acl::Acl;
+use crate::batching::Batching;
 use crate::buffer::BufPool;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
@@ -123,6 +124,9 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
     spin_until: Option<Instant>,
+    /// Chooses the pause between busy turns that lets requests batch up (see `batching`).
+    batching: Batching,
+    pause_until: Option<Instant>,
 }
 
 impl Server {
@@ -205,6 +209,8 @@ impl Server {
             accept_paused_until: None,
             shutdown_deadline: None,
             spin_until: None,
+            batching: Batching::new(Instant::now()),
+            pause_until: None,
         })
     }
 
@@ -213,6 +219,11 @@ impl Server {
     pub fn run(mut self) -> Result<i32, Error> {
         let mut events = Events::with_capacity(1024);
         let status = loop {
+            if let Some(until) = self.pause_until.take() {
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
             let timeout = self.timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -225,6 +236,11 @@ impl Server {
             // Once nothing happens for SPIN, block as usual (an idle server uses no CPU).
             // Not while disk jobs are out: their completions wake us anyway, and spinning
             // then only takes CPU from the workers and the clients.
+            if !events.is_empty() {
+                let now = Instant::now();
+                let pause = self.batching.after_turn(now, self.core.requests);
+                self.pause_until = (!pause.is_zero()).then(|| now + pause);
+            }
             if !events.is_empty() && !self.core.pool.busy() {
                 self.spin_until = Some(Instant::now() + SPIN);
             } else if self.spin_until.is_some_and(|t| Instant::now() >= t) {

@@ -11,6 +11,7 @@
 //! carries its connection's `ConnId` so a completion for a closed connection is dropped.
 
 pub mod acl;
+pub mod batching;
 pub mod buffer;
 pub mod cli;
 pub mod conn;

@@ -22,7 +22,7 @@ const CANDIDATES: [u64; 4] = [0, 10, 20, 40];
 const TRIAL: Duration = Duration::from_millis(5);
 /// How long the winner is kept before measuring again.
 const SETTLE: Duration = Duration::from_millis(200);
-/// Below this many requests per second, replies are never held back.
+/// Below this many requests per second the reactor never waits: latency comes first.
 const MIN_RATE: f64 = 50_000.0;
 /// A longer wait must beat no wait by this factor to be chosen (measurements are noisy).
 const MARGIN: f64 = 1.05;

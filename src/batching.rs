@@ -71,7 +71,7 @@ impl Batching {
                 self.restart(now, requests);
             }
             Phase::Trial { idx, rates } if elapsed >= TRIAL => {
-                rates[*idx] = requests.wrapping_sub(self.start) as f64 / elapsed.as_secs_f64();
+                rates[*idx] = rate();
                 *idx += 1;
                 if *idx == CANDIDATES.len() {
                     self.cur = best(rates);
@@ -107,52 +107,63 @@ fn best(rates: &[f64; CANDIDATES.len()]) -> usize {
 mod tests {
     use super::*;
 
-    /// Drives the tuner for `d` with turns every 10 µs; `rate(wait)` is the requests per second
-    /// the clients manage with that wait. Returns the wait in use at the end.
-    fn run(b: &mut Batching, t: &mut Instant, reqs: &mut f64, d: Duration, rate: impl Fn(u64) -> f64) -> u64 {
-        let end = *t + d;
-        let mut wait = 0;
-        while *t < end {
-            *t += Duration::from_micros(10);
-            *reqs += rate(wait) * 10e-6;
-            wait = b.after_turn(*t, *reqs as u64).as_micros() as u64;
+    /// A tuner driven by simulated clients, one turn every 10 µs.
+    struct Sim {
+        b: Batching,
+        t: Instant,
+        reqs: f64,
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            let t = Instant::now();
+            Sim { b: Batching::new(t), t, reqs: 0.0 }
         }
-        wait
+
+        /// Runs for `d`, the clients managing `rate(wait)` requests per second with the wait in
+        /// use. Returns the wait in use at the end.
+        fn run(&mut self, d: Duration, rate: impl Fn(u64) -> f64) -> u64 {
+            let end = self.t + d;
+            let mut wait = 0;
+            while self.t < end {
+                self.t += Duration::from_micros(10);
+                self.reqs += rate(wait) * 10e-6;
+                wait = self.b.after_turn(self.t, self.reqs as u64).as_micros() as u64;
+            }
+            wait
+        }
+    }
+
+    /// Clients with a deep queue: every extra µs of wait moves more requests.
+    fn deep(wait: u64) -> f64 {
+        180_000.0 + 2_000.0 * wait as f64
     }
 
     #[test]
     fn a_deep_queue_gets_the_wait_that_moves_the_most_requests() {
-        let t0 = Instant::now();
-        let (mut t, mut reqs) = (t0, 0.0);
-        let mut b = Batching::new(t0);
-        let deep = |w: u64| 180_000.0 + 2_000.0 * w as f64;
-        assert_eq!(run(&mut b, &mut t, &mut reqs, SETTLE / 2, deep), 0, "no wait before measuring");
-        assert_eq!(run(&mut b, &mut t, &mut reqs, SETTLE, deep), 40);
+        let mut s = Sim::new();
+        assert_eq!(s.run(SETTLE / 2, deep), 0, "no wait before measuring");
+        assert_eq!(s.run(SETTLE, deep), 40);
         // The clients change: now waiting hurts, and the next measurement sees it.
         let shallow = |w: u64| 170_000.0 - 3_000.0 * w as f64;
-        assert_eq!(run(&mut b, &mut t, &mut reqs, SETTLE * 2, shallow), 0);
+        assert_eq!(s.run(SETTLE * 2, shallow), 0);
     }
 
     #[test]
     fn a_light_load_is_never_held_back() {
-        let t0 = Instant::now();
-        let (mut t, mut reqs) = (t0, 0.0);
-        let mut b = Batching::new(t0);
+        let mut s = Sim::new();
         let light = |w: u64| 30_000.0 + 1_000.0 * w as f64;
         for _ in 0..5 {
-            assert_eq!(run(&mut b, &mut t, &mut reqs, SETTLE, light), 0);
+            assert_eq!(s.run(SETTLE, light), 0);
         }
     }
 
     #[test]
     fn a_pause_in_the_work_drops_the_wait_until_measured_again() {
-        let t0 = Instant::now();
-        let (mut t, mut reqs) = (t0, 0.0);
-        let mut b = Batching::new(t0);
-        let deep = |w: u64| 180_000.0 + 2_000.0 * w as f64;
-        assert_eq!(run(&mut b, &mut t, &mut reqs, SETTLE * 2, deep), 40);
-        t += IDLE;
-        assert_eq!(b.after_turn(t, reqs as u64), Duration::ZERO);
+        let mut s = Sim::new();
+        assert_eq!(s.run(SETTLE * 2, deep), 40);
+        s.t += IDLE;
+        assert_eq!(s.b.after_turn(s.t, s.reqs as u64), Duration::ZERO);
     }
 
     #[test]

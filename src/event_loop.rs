@@ -231,19 +231,19 @@ impl Server {
                 }
                 return Err(Error::Io { what: "poll failed".into(), source: e });
             }
+            let now = Instant::now();
+            if !events.is_empty() {
+                let pause = self.batching.after_turn(now, self.core.requests);
+                self.pause_until = (!pause.is_zero()).then(|| now + pause);
+            }
             // Right after activity, poll without sleeping for a moment: a sleeping vCPU takes
             // tens of microseconds to wake, which dominates a one-request-at-a-time client.
             // Once nothing happens for SPIN, block as usual (an idle server uses no CPU).
             // Not while disk jobs are out: their completions wake us anyway, and spinning
             // then only takes CPU from the workers and the clients.
-            if !events.is_empty() {
-                let now = Instant::now();
-                let pause = self.batching.after_turn(now, self.core.requests);
-                self.pause_until = (!pause.is_zero()).then(|| now + pause);
-            }
             if !events.is_empty() && !self.core.pool.busy() {
-                self.spin_until = Some(Instant::now() + SPIN);
-            } else if self.spin_until.is_some_and(|t| Instant::now() >= t) {
+                self.spin_until = Some(now + SPIN);
+            } else if self.spin_until.is_some_and(|t| now >= t) {
                 self.spin_until = None;
             }
             for ev in events.iter() {

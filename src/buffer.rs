@@ -83,7 +83,7 @@ pub trait Sink: Write {
 }
 
 /// `Sink::send_more` for any socket, by descriptor.
-fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+pub(crate) fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no address, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec; the kernel only reads through these pointers.
@@ -96,7 +96,7 @@ fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize>
 }
 
 /// `Sink::send_file` for any socket, by descriptor.
-fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+pub(crate) fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both descriptors are open; `off` is a live off_t the kernel advances.
     let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut off, len) };
@@ -144,6 +144,14 @@ pub struct OutQueue {
     /// Bytes of the front chunk already written.
     pos: usize,
     bytes: usize,
+    /// Bytes of file ranges queued (including any part of the front one already sent).
+    file_bytes: usize,
+}
+
+impl std::fmt::Debug for OutQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OutQueue({} chunks, {} bytes)", self.chunks.len(), self.bytes())
+    }
 }
 
 impl OutQueue {
@@ -156,8 +164,39 @@ impl OutQueue {
     pub fn push_file(&mut self, offset: u64, len: usize) {
         if len > 0 {
             self.bytes += len;
+            self.file_bytes += len;
             self.chunks.push_back(Chunk::File { offset, len });
         }
+    }
+
+    /// Bytes of file ranges waiting (the part that sendfile sends).
+    pub fn file_bytes(&self) -> usize {
+        self.file_bytes
+    }
+
+    /// Moves everything queued in `later` behind what is queued here.
+    pub fn append(&mut self, later: &mut OutQueue) {
+        let pos = std::mem::take(&mut later.pos);
+        if pos > 0 {
+            // Not expected (a queue is handed over whole), but a started front chunk must
+            // not be sent again.
+            if let Some(front) = later.chunks.front_mut() {
+                match front {
+                    Chunk::Mem(b) => {
+                        b.drain(..pos);
+                    }
+                    Chunk::File { offset, len } => {
+                        *offset += pos as u64;
+                        *len -= pos;
+                        later.file_bytes -= pos;
+                    }
+                }
+                later.bytes -= pos;
+            }
+        }
+        self.bytes += std::mem::take(&mut later.bytes);
+        self.file_bytes += std::mem::take(&mut later.file_bytes);
+        self.chunks.append(&mut later.chunks);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -234,6 +273,9 @@ impl OutQueue {
             }
             k -= left;
             self.bytes -= front.len();
+            if let Chunk::File { len, .. } = front {
+                self.file_bytes -= len;
+            }
             self.pos = 0;
             if let (Some(Chunk::Mem(b)), Some(p)) = (self.chunks.pop_front(), pool.as_deref_mut()) {
                 p.give(b);
@@ -243,7 +285,7 @@ impl OutQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Accepts at most `cap` bytes per call, then reports WouldBlock once.
@@ -294,7 +336,7 @@ mod tests {
         panic!("the queue did not drain in 100 rounds");
     }
 
-    fn memfd_with(data: &[u8]) -> std::fs::File {
+    pub(crate) fn memfd_with(data: &[u8]) -> std::fs::File {
         use std::os::unix::io::FromRawFd;
         // SAFETY: memfd_create with a static name; the fd is wrapped at once.
         let fd = unsafe { libc::memfd_create(c"flexnbd-test".as_ptr(), libc::MFD_CLOEXEC) };
@@ -332,6 +374,34 @@ mod tests {
         let err = drain(&mut q, &mut w, Some(f.as_fd())).err();
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
         assert!(q.write_to(&mut w, None, None).is_err(), "file data without a file is an error");
+    }
+
+    #[test]
+    fn appended_queues_keep_their_order_and_counts() {
+        use std::os::unix::io::AsFd;
+        let f = memfd_with(b"0123456789");
+        let mut first = OutQueue::default();
+        first.push(b"a".to_vec());
+        first.push_file(0, 4);
+        let mut w = Trickle { got: Vec::new(), cap: 3, block_next: false };
+        assert!(first.write_to(&mut w, None, Some(f.as_fd())).unwrap());
+        assert!(first.write_to(&mut w, None, Some(f.as_fd())).unwrap());
+        assert_eq!(w.got, b"a012");
+        assert_eq!((first.bytes(), first.file_bytes()), (1, 4));
+        // A queue partly sent elsewhere: only its unsent part moves.
+        let mut later = OutQueue::default();
+        later.push_file(6, 4);
+        later.push(b"z".to_vec());
+        let mut w2 = Trickle { got: Vec::new(), cap: 3, block_next: false };
+        assert!(later.write_to(&mut w2, None, Some(f.as_fd())).unwrap());
+        assert_eq!(w2.got, b"678");
+        first.append(&mut later);
+        assert!(later.is_empty());
+        assert_eq!((later.bytes(), later.file_bytes()), (0, 0));
+        assert_eq!((first.bytes(), first.file_bytes()), (3, 5));
+        drain(&mut first, &mut w, Some(f.as_fd())).unwrap();
+        assert_eq!(w.got, b"a01239z");
+        assert_eq!((first.bytes(), first.file_bytes()), (0, 0));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! push `Completion`s back, waking the reactor through the mio Waker only when the completion
 //! queue goes from empty to non-empty (one wake per drain, not per job).
 
+use crate::buffer::OutQueue;
 use crate::export::{Export, Extent};
+use crate::sender::Lent;
 use crate::token::ConnId;
 use std::collections::VecDeque;
 use std::io;
@@ -48,6 +50,13 @@ pub enum Op {
     ReadSparse {
         offset: u64,
         len: usize,
+    },
+    /// Send a client's queued replies on its socket (see `sender`); what is left comes back
+    /// in `out`, and `blocked` says whether the socket was full.
+    Send {
+        out: OutQueue,
+        lent: Arc<Lent>,
+        blocked: bool,
     },
 }
 
@@ -157,6 +166,10 @@ pub struct IoPool {
     threads: Vec<JoinHandle<()>>,
     /// Client jobs submitted and not yet drained (the reactor is the only caller of both).
     outstanding: std::cell::Cell<usize>,
+    /// Of those, send jobs (see `sender`).
+    sending: std::cell::Cell<usize>,
+    /// At most this many workers send at once, so the rest are free for disk jobs.
+    max_sending: usize,
 }
 
 impl IoPool {
@@ -178,11 +191,20 @@ impl IoPool {
                 .spawn(move || worker(&s))?;
             threads.push(t);
         }
-        Ok(IoPool { shared, threads, outstanding: std::cell::Cell::new(0) })
+        Ok(IoPool {
+            shared,
+            threads,
+            outstanding: std::cell::Cell::new(0),
+            sending: std::cell::Cell::new(0),
+            max_sending: n / 2,
+        })
     }
 
     pub fn submit(&self, job: Job) {
         self.outstanding.set(self.outstanding.get() + 1);
+        if matches!(job.op, Op::Send { .. }) {
+            self.sending.set(self.sending.get() + 1);
+        }
         let runnable = lock(&self.shared.jobs).push(job);
         if runnable {
             self.shared.cond.notify_one();
@@ -202,6 +224,14 @@ impl IoPool {
         // Background jobs are the mirror's reads, and only those.
         let client = into.iter().filter(|c| !matches!(c.job.op, Op::ReadSparse { .. })).count();
         self.outstanding.set(self.outstanding.get().saturating_sub(client));
+        let sends = into.iter().filter(|c| matches!(c.job.op, Op::Send { .. })).count();
+        self.sending.set(self.sending.get().saturating_sub(sends));
+    }
+
+    /// Whether another client's sending may go to a worker (see `sender`): with a single
+    /// worker, never (it would hold up every disk job).
+    pub fn may_lend(&self) -> bool {
+        self.sending.get() < self.max_sending
     }
 
     /// Whether a client job is out (its completion will wake the reactor).
@@ -275,6 +305,12 @@ pub fn run(e: &Export, mut job: Job) -> Completion {
         Op::Cache { offset, len } => e.cache(offset, len).map(|_| Vec::new()),
         Op::Extents { offset, len, max } => e.extents(offset, len, max),
         Op::ReadSparse { offset, len } => read_sparse(e, &mut job.buf[..len], offset),
+        Op::Send { ref mut out, ref lent, ref mut blocked } => {
+            crate::sender::send(lent, out, e.as_fd()).map(|b| {
+                *blocked = b;
+                Vec::new()
+            })
+        }
     };
     Completion { job, result }
 }

@@ -7,7 +7,9 @@
 //!   control listener -> ControlConn sessions              fdatasync / SEEK_DATA|HOLE
 //!   signalfd -> drain and exit                    <-Completion + mio::Waker--
 //! ```
-//! One thread owns every socket and all protocol state; workers never touch sockets. A job
+//! One thread owns every socket and all protocol state. The one exception: a client whose
+//! socket stays full while big reads stream out is lent to a worker, which sends its queued
+//! replies (sendfile) while the reactor keeps reading its requests (see `sender`). A job
 //! carries its connection's `ConnId` so a completion for a closed connection is dropped.
 
 pub mod acl;
@@ -24,5 +26,6 @@ pub mod log;
 pub mod net;
 pub mod proto;
 pub mod remote;
+pub mod sender;
 pub mod signals;
 pub mod token;

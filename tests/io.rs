@@ -411,6 +411,60 @@ fn write_over_the_maximum_is_refused_without_touching_the_file() {
     assert_file_range(&file, 0, &vec![0u8; MIB as usize], "file after a refused write");
 }
 
+/// A client that streams big reads faster than it takes the replies keeps its socket full:
+/// the server then sends from a disk worker while it goes on reading requests (the offload in
+/// `sender`). Replies must still come whole, in a consistent stream, with the right data,
+/// while new requests keep arriving as old replies are read.
+#[test]
+fn streamed_big_reads_behind_a_full_socket_come_back_whole() {
+    let size = 24 * MIB;
+    let (_dir, file) = served_random("stream", size, 43);
+    let content = read_at(&file, 0, size as usize);
+    let server = Server::start(&file, &[]);
+    let mut c = Nbd::connect(server.addr()).expect("connect");
+    let req = |i: u64| {
+        let len = MIB + (i % 7) * 4096;
+        let off = (i * 3 * MIB / 2) % (size - len);
+        (0xABCD_0000 + i, off, len as u32)
+    };
+    let mut pending = PendingReads::new();
+    let mut batch = Vec::new();
+    for i in 0..16 {
+        let (cookie, off, len) = req(i);
+        pending.insert(cookie, (off, len));
+        batch.extend_from_slice(&Nbd::request_bytes(0, CMD_READ, cookie, off, len));
+    }
+    c.sock.write_all(&batch).expect("send reads");
+    // Let the socket fill before reading anything.
+    std::thread::sleep(Duration::from_millis(300));
+    let total = 64;
+    let mut next = 16;
+    for _ in 0..total {
+        match c.read_reply().expect("reply") {
+            Reply::Simple { error, cookie } => {
+                assert_eq!(error, 0, "cookie {cookie:#x}");
+                let (off, len) =
+                    pending.remove(&cookie).unwrap_or_else(|| panic!("unexpected cookie {cookie:#x}"));
+                let data = c.read_data(len as usize).expect("data");
+                assert!(
+                    data == content[off as usize..(off + len as u64) as usize],
+                    "data of cookie {cookie:#x}"
+                );
+            }
+            other => panic!("structured reply without STRUCTURED_REPLY: {other:?}"),
+        }
+        if next < total {
+            let (cookie, off, len) = req(next);
+            pending.insert(cookie, (off, len));
+            c.sock.write_all(&Nbd::request_bytes(0, CMD_READ, cookie, off, len)).expect("send read");
+            next += 1;
+        }
+    }
+    assert!(pending.is_empty());
+    // The connection is still in step: a small read after the stream.
+    assert_eq!(c.read(5, 100).expect("io").expect("read"), content[5..105]);
+}
+
 #[test]
 fn clients_that_never_read_their_replies_do_not_delay_others() {
     let size = 32 * MIB;

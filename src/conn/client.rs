@@ -23,11 +23,13 @@ use crate::io_pool::{Completion, Job, Op};
 use crate::proto::handshake::{self as hs, ParseError};
 use crate::proto::transmission::{self as tx, Request};
 use crate::proto::*;
+use crate::sender::Lent;
 use crate::token::ConnId;
 use log::{debug, info, warn};
 use mio::{Interest, Registry};
 use std::io::{self, Read};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Reads handled per readiness event before yielding to other connections.
 const READ_BUDGET: usize = 16;
@@ -40,6 +42,9 @@ const SENDFILE_MIN: usize = 32 * 1024;
 /// From this size on, a WRITE's payload is worth a read of its own (see `bulk_writes`); below
 /// it, reading many small requests at once and copying their payloads out is cheaper.
 const BULK_WRITE: usize = 32 * 1024;
+/// A congested socket with at least this much file data queued for it is sent to by a disk
+/// worker (see `offload`).
+const OFFLOAD_MIN: usize = 256 * 1024;
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
 
@@ -109,6 +114,14 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     read_ready: bool,
     /// Last write hit WouldBlock: wait for WRITABLE.
     write_blocked: bool,
+    /// The last send filled the socket: the peer reads slower than we queue (see `offload`).
+    congested: bool,
+    /// A worker is sending earlier replies (see `offload`); `out` holds only later ones.
+    sending: bool,
+    /// What the worker that sent last failed with, for the reactor to close on.
+    send_error: Option<io::Error>,
+    /// The socket as lent to workers, made on the first offload.
+    lent: Option<Arc<Lent>>,
     /// The peer's FIN (or an error) was reported: read until EOF, never stop at a short read.
     hup: bool,
     registered: Option<Interest>,
@@ -146,6 +159,10 @@ impl<S: Stream> ClientConn<S> {
             meta_base_allocation: false,
             read_ready: true,
             write_blocked: false,
+            congested: false,
+            sending: false,
+            send_error: None,
+            lent: None,
             hup: false,
             registered: None,
             migration_sender: false,
@@ -183,7 +200,10 @@ impl<S: Stream> ClientConn<S> {
 
     /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.
     pub fn finished(&self) -> bool {
-        (self.phase == Phase::Draining || self.shutting_down) && self.in_flight == 0 && self.out.is_empty()
+        (self.phase == Phase::Draining || self.shutting_down)
+            && self.in_flight == 0
+            && self.out.is_empty()
+            && !self.sending
     }
 
     /// Would reading now make progress (edge seen, not paused)?
@@ -194,7 +214,7 @@ impl<S: Stream> ClientConn<S> {
     fn paused(&self, ctx: &Ctx) -> bool {
         self.phase == Phase::Draining
             || ctx.frozen
-            || self.in_flight_bytes + self.out.bytes() >= ctx.cfg.max_in_flight_bytes
+            || self.in_flight_bytes + self.out.bytes() + self.lent_backlog() >= ctx.cfg.max_in_flight_bytes
             || self.in_flight >= ctx.cfg.max_in_flight_reqs
     }
 
@@ -767,6 +787,9 @@ impl<S: Stream> ClientConn<S> {
     /// A finished job: turn it into a reply.
     pub fn complete(&mut self, ctx: &mut Ctx, c: Completion) {
         let Completion { job, result } = c;
+        if let Op::Send { out, blocked, .. } = job.op {
+            return self.sent(out, blocked, result);
+        }
         self.in_flight -= 1;
         self.in_flight_bytes -= job.buf.len();
         let cookie = job.cookie;
@@ -835,11 +858,69 @@ impl<S: Stream> ClientConn<S> {
 
     /// Writes queued replies with writev until done or the socket is full.
     fn write_out(&mut self, ctx: &mut Ctx) -> io::Result<()> {
-        if !self.write_blocked {
-            self.write_blocked =
-                self.out.write_to(&mut self.stream, Some(ctx.bufs), Some(ctx.export.as_fd()))?;
+        if let Some(e) = self.send_error.take() {
+            return Err(e);
         }
+        if self.sending {
+            // The worker takes them unless it is just stopping; then they wait for its
+            // completion, which flushes again.
+            if let Some(l) = &self.lent {
+                l.give(&mut self.out);
+            }
+            return Ok(());
+        }
+        if self.write_blocked {
+            return Ok(());
+        }
+        if self.congested && self.out.file_bytes() >= OFFLOAD_MIN && ctx.pool.may_lend() {
+            return self.offload(ctx);
+        }
+        self.write_blocked = self.out.write_to(&mut self.stream, Some(ctx.bufs), Some(ctx.export.as_fd()))?;
+        self.congested = self.write_blocked;
         Ok(())
+    }
+
+    /// Hands the queue to a disk worker to send, and the replies queued after it until the
+    /// worker stops (see `sender`). Only once the socket is congested: the data would wait in
+    /// the socket anyway, so the thread hops add no latency, and a light client goes on being
+    /// answered from here.
+    fn offload(&mut self, ctx: &mut Ctx) -> io::Result<()> {
+        let lent = match &self.lent {
+            Some(l) => l.clone(),
+            None => self.lent.insert(Arc::new(Lent::new(self.stream.as_fd())?)).clone(),
+        };
+        let out = std::mem::take(&mut self.out);
+        lent.open(&out);
+        self.sending = true;
+        ctx.pool.submit(Job {
+            conn: self.id,
+            cookie: 0,
+            op: Op::Send { out, lent, blocked: false },
+            buf: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Bytes a worker has yet to send for us.
+    fn lent_backlog(&self) -> usize {
+        match &self.lent {
+            Some(l) if self.sending => l.backlog(),
+            _ => 0,
+        }
+    }
+
+    /// A worker finished sending (see `offload`): what it left goes out before anything
+    /// queued since.
+    fn sent(&mut self, mut left: OutQueue, blocked: bool, result: io::Result<Vec<Extent>>) {
+        self.sending = false;
+        if let Err(e) = result {
+            self.send_error = Some(e);
+            return;
+        }
+        left.append(&mut self.out);
+        self.out = left;
+        self.write_blocked = blocked;
+        self.congested = blocked;
     }
 }
 

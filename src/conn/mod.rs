@@ -177,18 +177,23 @@ impl InlineIo {
 }
 
 /// A byte stream a connection can be driven over.
-pub trait Stream: std::io::Read + crate::buffer::Sink + mio::event::Source {}
-impl<T: std::io::Read + crate::buffer::Sink + mio::event::Source> Stream for T {}
+pub trait Stream: std::io::Read + crate::buffer::Sink + mio::event::Source + std::os::fd::AsFd {}
+impl<T: std::io::Read + crate::buffer::Sink + mio::event::Source + std::os::fd::AsFd> Stream for T {}
 
 /// Where connections send disk jobs: the worker pool, or (in the stateful fuzz target) a queue
 /// the harness runs itself.
 pub trait Submit {
     fn submit(&self, job: Job);
+    /// Whether a worker may take on a client's sending (see `sender`) now.
+    fn may_lend(&self) -> bool;
 }
 
 impl Submit for crate::io_pool::IoPool {
     fn submit(&self, job: Job) {
         crate::io_pool::IoPool::submit(self, job)
+    }
+    fn may_lend(&self) -> bool {
+        crate::io_pool::IoPool::may_lend(self)
     }
 }
 

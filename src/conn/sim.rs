@@ -42,6 +42,9 @@ impl Submit for Queue {
     fn submit(&self, job: Job) {
         self.0.borrow_mut().push(job);
     }
+    fn may_lend(&self) -> bool {
+        true
+    }
 }
 
 /// What one simulated session produced.

@@ -200,13 +200,20 @@ mod tests {
         })
     }
 
-    #[test]
-    fn sends_what_it_was_given_then_what_the_reactor_queued_in_order() {
-        let data = pattern(3 << 20);
+    /// A file holding `len` bytes of a pattern, a socket lent as a connection's would be, and
+    /// the socket's other end.
+    fn setup(len: usize) -> (Vec<u8>, std::fs::File, std::sync::Arc<Lent>, UnixStream) {
+        let data = pattern(len);
         let f = memfd_with(&data);
         let (a, b) = UnixStream::pair().expect("pair");
         a.set_nonblocking(true).expect("nonblocking");
         let lent = std::sync::Arc::new(Lent::new(a.as_fd()).expect("lend"));
+        (data, f, lent, b)
+    }
+
+    #[test]
+    fn sends_what_it_was_given_then_what_the_reactor_queued_in_order() {
+        let (data, f, lent, b) = setup(3 << 20);
         let mut out = OutQueue::default();
         out.push(b"head".to_vec());
         out.push_file(0, 1 << 20);
@@ -256,11 +263,7 @@ mod tests {
 
     #[test]
     fn stops_on_a_socket_nobody_reads_and_keeps_the_rest() {
-        let data = pattern(8 << 20);
-        let f = memfd_with(&data);
-        let (a, b) = UnixStream::pair().expect("pair");
-        a.set_nonblocking(true).expect("nonblocking");
-        let lent = Lent::new(a.as_fd()).expect("lend");
+        let (_data, f, lent, b) = setup(8 << 20);
         let mut out = OutQueue::default();
         out.push_file(0, 8 << 20);
         lent.open(&out);

@@ -11,7 +11,7 @@
 //! | sent, socket full  | -                            | waits up to WAIT for room, goes on   |
 //! | sent, socket full  | - (no room within WAIT)      | stops: blocked, the reactor polls     |
 //! | empty              | has replies                  | takes them, goes on                  |
-//! | empty              | empty                        | stops: done                          |
+//! | empty              | empty                        | waits up to LINGER, else stops: done |
 //! | any, after SLICE   | -                            | stops, taking `later` along          |
 //!
 //! Stopping closes `later` under its lock, so a reply the reactor queues is either taken by
@@ -41,7 +41,7 @@ pub struct Lent {
     /// connection closed writes to the dying socket, never to a descriptor number reused
     /// by another.
     sock: OwnedFd,
-    /// Replies queued by the reactor while a worker sends; `None` when no worker takes them.
+    /// Replies queued by the reactor while a worker sends.
     later: Mutex<Later>,
     /// Signalled when replies are given to a lingering worker.
     given: Condvar,
@@ -86,6 +86,7 @@ impl Lent {
 
 #[derive(Debug, Default)]
 struct Later {
+    /// `None` when no worker takes replies.
     queue: Option<OutQueue>,
     /// The worker waits on `given`.
     lingering: bool,

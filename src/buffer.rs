@@ -83,7 +83,7 @@ pub trait Sink: Write {
 }
 
 /// `Sink::send_more` for any socket, by descriptor.
-pub(crate) fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
+fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no address, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec; the kernel only reads through these pointers.
@@ -96,7 +96,7 @@ pub(crate) fn sendmsg_more(fd: RawFd, iov: &[IoSlice<'_>], more: bool) -> io::Re
 }
 
 /// `Sink::send_file` for any socket, by descriptor.
-pub(crate) fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+fn sendfile(fd: RawFd, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both descriptors are open; `off` is a live off_t the kernel advances.
     let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut off, len) };
@@ -115,7 +115,25 @@ macro_rules! socket_sink {
         }
     )*};
 }
-socket_sink!(mio::net::TcpStream, mio::net::UnixStream);
+socket_sink!(mio::net::TcpStream, mio::net::UnixStream, SockFd<'_>);
+
+/// A connection's socket as a disk worker sends on it (see `sender`), by descriptor.
+pub struct SockFd<'a>(pub BorrowedFd<'a>);
+
+impl AsRawFd for SockFd<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Write for SockFd<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        sendmsg_more(self.0.as_raw_fd(), &[IoSlice::new(b)], false)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// One queued piece of output.
 enum Chunk {

@@ -17,8 +17,8 @@
 //! Stopping closes `later` under its lock, so a reply the reactor queues is either taken by
 //! the worker or stays with the reactor, never both and never lost.
 
-use crate::buffer::{OutQueue, Sink};
-use std::io::{self, IoSlice, Write};
+use crate::buffer::{OutQueue, SockFd};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -156,27 +156,6 @@ fn writable_within(fd: BorrowedFd<'_>, t: Duration) -> bool {
     let r = unsafe { libc::poll(&mut p, 1, ms) };
     // An interrupted wait is retried by the caller's next write.
     r > 0 || (r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted)
-}
-
-/// The lent socket as a `Sink`.
-struct SockFd<'a>(BorrowedFd<'a>);
-
-impl Write for SockFd<'_> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.send_more(&[IoSlice::new(b)], false)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Sink for SockFd<'_> {
-    fn send_more(&mut self, iov: &[IoSlice<'_>], more: bool) -> io::Result<usize> {
-        crate::buffer::sendmsg_more(self.0.as_raw_fd(), iov, more)
-    }
-    fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
-        crate::buffer::sendfile(self.0.as_raw_fd(), file, offset, len)
-    }
 }
 
 #[cfg(test)]

@@ -314,7 +314,7 @@ impl Server {
         if self.shutdown_deadline.is_some() || self.accept_paused_until.is_some() {
             t = Some(ACCEPT_BACKOFF);
         }
-        if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0))
+        if let Some(m) = self.running_mirror()
             && let Some(d) = m.deadline()
         {
             let left = d.saturating_duration_since(Instant::now());
@@ -406,10 +406,7 @@ impl Server {
     /// A client of this `serve` declared itself a migration sender: if it is our own mirror
     /// (through a forwarder or NAT, so `own_mirror_addr` could not tell), end both.
     fn refuse_own_mirror(&mut self) {
-        let own = match self.mirror.and_then(|t| self.conns.get(t.0)) {
-            Some(Conn::Mirror(m)) => m.sender(),
-            _ => return,
-        };
+        let Some(own) = self.running_mirror().map(|m| m.sender()) else { return };
         // Scan rather than look up the new sender: two declarations in one pass keep only one.
         let Some((k, c)) = self.conns.iter().find_map(|(k, c)| match c {
             Conn::Client(c) if c.declared_sender == Some(own) => Some((k, c)),
@@ -426,7 +423,7 @@ impl Server {
     /// port may be reused towards another destination, so one end alone proves nothing; and a
     /// dual-stack listener sees IPv4 peers as IPv4-mapped IPv6).
     fn is_own_mirror(&self, stream: &mio::net::TcpStream, peer: SocketAddr) -> bool {
-        let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0)) else { return false };
+        let Some(m) = self.running_mirror() else { return false };
         let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         match (m.local_addr(), m.peer_addr(), stream.local_addr()) {
             (Some(ml), Some(mp), Ok(ours)) => canon(ml) == canon(peer) && canon(mp) == canon(ours),
@@ -536,13 +533,13 @@ impl Server {
                 (0, "mirror stopped".into())
             }
             Command::MirrorMaxBps(n) => {
-                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
+                if let Some(m) = self.running_mirror_mut() {
                     m.set_max_bps(n);
                 }
                 (0, "updated".into())
             }
             Command::MirrorWait => {
-                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
+                if let Some(m) = self.running_mirror_mut() {
                     m.waiters.push(from);
                 }
                 return None;
@@ -585,7 +582,7 @@ impl Server {
             self.core.num_clients,
             !self.core.cfg.listen,
         );
-        if let Some(Conn::Mirror(m)) = self.mirror.and_then(|t| self.conns.get(t.0)) {
+        if let Some(m) = self.running_mirror() {
             let speed = m.speed();
             let left = m.bytes_left(&self.core);
             let secs_left = left.checked_div(speed).unwrap_or(0);
@@ -598,6 +595,21 @@ impl Server {
             }
         }
         s
+    }
+
+    /// The mirror connection, while one runs.
+    fn running_mirror(&self) -> Option<&Mirror> {
+        match self.mirror.and_then(|t| self.conns.get(t.0)) {
+            Some(Conn::Mirror(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn running_mirror_mut(&mut self) -> Option<&mut Mirror> {
+        match self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
+            Some(Conn::Mirror(m)) => Some(m),
+            _ => None,
+        }
     }
 
     fn mirror_tick(&mut self) {
@@ -742,7 +754,7 @@ impl Server {
             Some(Conn::Control(mut c)) => {
                 c.deregister(&self.core.registry);
                 // The slot goes to the next session: the mirror's answer must not reach it.
-                if let Some(Conn::Mirror(m)) = self.mirror.and_then(|m| self.conns.get_mut(m.0)) {
+                if let Some(m) = self.running_mirror_mut() {
                     m.forget_waiter(t);
                 }
             }

@@ -313,6 +313,12 @@ pub(crate) mod tests {
         block_next: bool,
     }
 
+    impl Trickle {
+        fn new(cap: usize) -> Trickle {
+            Trickle { got: Vec::new(), cap, block_next: false }
+        }
+    }
+
     impl Write for Trickle {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             if std::mem::take(&mut self.block_next) {
@@ -375,7 +381,7 @@ pub(crate) mod tests {
         q.push(b"tail".to_vec());
         q.push_file(9, 1);
         assert_eq!(q.bytes(), 13);
-        let mut w = Trickle { got: Vec::new(), cap: 2, block_next: false };
+        let mut w = Trickle::new(2);
         drain(&mut q, &mut w, Some(f.as_fd())).unwrap();
         assert_eq!(w.got, b"hdr23456tail9");
         assert!(q.is_empty());
@@ -388,7 +394,7 @@ pub(crate) mod tests {
         let f = memfd_with(b"0123");
         let mut q = OutQueue::default();
         q.push_file(2, 5);
-        let mut w = Trickle { got: Vec::new(), cap: 64, block_next: false };
+        let mut w = Trickle::new(64);
         let err = drain(&mut q, &mut w, Some(f.as_fd())).err();
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
         assert!(q.write_to(&mut w, None, None).is_err(), "file data without a file is an error");
@@ -401,7 +407,7 @@ pub(crate) mod tests {
         let mut first = OutQueue::default();
         first.push(b"a".to_vec());
         first.push_file(0, 4);
-        let mut w = Trickle { got: Vec::new(), cap: 3, block_next: false };
+        let mut w = Trickle::new(3);
         assert!(first.write_to(&mut w, None, Some(f.as_fd())).unwrap());
         assert!(first.write_to(&mut w, None, Some(f.as_fd())).unwrap());
         assert_eq!(w.got, b"a012");
@@ -410,7 +416,7 @@ pub(crate) mod tests {
         let mut later = OutQueue::default();
         later.push_file(6, 4);
         later.push(b"z".to_vec());
-        let mut w2 = Trickle { got: Vec::new(), cap: 3, block_next: false };
+        let mut w2 = Trickle::new(3);
         assert!(later.write_to(&mut w2, None, Some(f.as_fd())).unwrap());
         assert_eq!(w2.got, b"678");
         first.append(&mut later);
@@ -428,7 +434,7 @@ pub(crate) mod tests {
         q.push(b"hello ".to_vec());
         q.push(b"wide ".to_vec());
         q.push(b"world".to_vec());
-        let mut w = Trickle { got: Vec::new(), cap: 4, block_next: false };
+        let mut w = Trickle::new(4);
         drain(&mut q, &mut w, None).unwrap();
         assert_eq!(w.got, b"hello wide world");
         assert!(q.is_empty());

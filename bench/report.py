@@ -205,7 +205,9 @@ def table(raw, meta, servers, md_path):
                 " the server order rotates each round.\n"
                 "- Sequential read: `nbdcopy --no-extents nbd://... null:`; sequential write:"
                 " `nbdcopy random.img nbd://...` (no flush). nbdcopy opens up to 4 connections"
-                " when the server advertises multi-conn, so these rows include that capability.\n"
+                " when the server advertises multi-conn, so these rows include that capability."
+                " Each round copies SEQ_REPS times each way per server (servers taking turns); the"
+                " median is over every copy, and a round's column shows its own median.\n"
                 "- Random I/O: fio `ioengine=nbd`, bs=4k, numjobs=1, time_based with ramp; the IOPS are"
                 " checked for fio errors and internal consistency.\n"
                 "- Sparse convert: `qemu-img convert -f raw -O raw` of a file that is 16 x 1 MiB of data and"
@@ -255,7 +257,11 @@ def table(raw, meta, servers, md_path):
                 if key == "binary_size":
                     continue
                 for s in servers:
-                    byr = dict(vals.get((key, s), []))
+                    # A round with several values (SEQ_REPS) shows their median.
+                    byr = {}
+                    for r, v in vals.get((key, s), []):
+                        byr.setdefault(r, []).append(v)
+                    byr = {r: statistics.median(v) for r, v in byr.items()}
                     f.write(f"| {key} | {s} | " + " | ".join(fmt(byr.get(r)) for r in rounds) + " |\n")
             if noisy:
                 f.write("\nNoisy (round spread (max-min)/median > 15%): " + ", ".join(noisy) + "\n")

@@ -24,6 +24,8 @@
 #   QEMU_NBD_ARGS=...   qemu-nbd cache/aio args (default: "--cache=writeback --aio=io_uring"
 #                       if io_uring works here, else "--cache=writeback --aio=threads")
 #   NBDCOPY_ARGS=""     extra args for the nbdcopy runs (e.g. "-C 1" to force one connection)
+#   SEQ_REPS=3          sequential reads and writes per round (each server in turn, each rep);
+#                       a single copy's rate varies by up to 2x from run to run on 2 cores
 #   NICE=0              run servers and clients under `nice -n $NICE` (e.g. -10 as root on a
 #                       busy machine; it only changes the priority of what this script starts)
 #   CMD_TIMEOUT=300     upper bound (s) for one client command
@@ -49,6 +51,7 @@ FLEXNBD_ARGS=${FLEXNBD_ARGS:-}
 NBDKIT_ARGS=${NBDKIT_ARGS:-}
 QEMU_NBD_ARGS=${QEMU_NBD_ARGS:-}
 NBDCOPY_ARGS=${NBDCOPY_ARGS:-}
+SEQ_REPS=${SEQ_REPS:-3}
 NICE=${NICE:-0}
 CMD_TIMEOUT=${CMD_TIMEOUT:-300}
 KEEP=${KEEP:-0}
@@ -60,6 +63,7 @@ source "$HERE/lib.sh"
 # ---------------------------------------------------------------- checks
 parse_size
 [[ $ROUNDS =~ ^[0-9]+$ ]] && (( ROUNDS >= 1 )) || die "bad ROUNDS=$ROUNDS"
+[[ $SEQ_REPS =~ ^[0-9]+$ ]] && (( SEQ_REPS >= 1 )) || die "bad SEQ_REPS=$SEQ_REPS"
 [[ $RUNTIME =~ ^[0-9]+$ ]] && (( RUNTIME >= 1 )) || die "bad RUNTIME=$RUNTIME"
 [[ $RAMP =~ ^[0-9]+$ ]] || die "bad RAMP=$RAMP"
 [[ $NICE =~ ^-?[0-9]+$ ]] || die "bad NICE=$NICE"
@@ -381,9 +385,10 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
         fi
     done
 
-    # sequential read, then sequential write; CPU accounted per server across both
+    # sequential reads, then sequential writes, SEQ_REPS of each with the servers taking turns;
+    # CPU accounted per server across all of them
     for s in "${up[@]}"; do c0[$s]=$(cpu_ticks "${SPID[$s]}"); moved[$s]=0; done
-    for s in "${up[@]}"; do
+    for ((rep = 1; rep <= SEQ_REPS; rep++)); do for s in "${up[@]}"; do
         alive "$r" "$s" seq_read || continue
         cpu_mark 0 "$s"
         t0=$(now)
@@ -399,8 +404,8 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
         else
             fail "$r" "$s" seq_read "nbdcopy read failed (see logs/$s-r$r.client)"
         fi
-    done
-    for s in "${up[@]}"; do
+    done; done
+    for ((rep = 1; rep <= SEQ_REPS; rep++)); do for s in "${up[@]}"; do
         alive "$r" "$s" seq_write || continue
         t0=$(now)
         # shellcheck disable=SC2086
@@ -414,9 +419,9 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
         else
             fail "$r" "$s" seq_write "nbdcopy write failed (see logs/$s-r$r.client)"
         fi
-    done
+    done; done
     for s in "${up[@]}"; do
-        if (( moved[$s] == 2 * SIZE_BYTES )) && kill -0 "${SPID[$s]}" 2>/dev/null; then
+        if (( moved[$s] == 2 * SEQ_REPS * SIZE_BYTES )) && kill -0 "${SPID[$s]}" 2>/dev/null; then
             record "$r" "$s" cpu_per_gib \
                 "$(calc "($(cpu_ticks "${SPID[$s]}")-${c0[$s]})/$CLK_TCK/(${moved[$s]}/1073741824)")"
         else
@@ -530,6 +535,7 @@ done
     printf 'settings\tRUNTIME\t%s\n' "$RUNTIME"
     printf 'settings\tRAMP\t%s\n' "$RAMP"
     printf 'settings\tNICE\t%s\n' "$NICE"
+    printf 'settings\tSEQ_REPS\t%s\n' "$SEQ_REPS"
     printf 'settings\tmachine\t%s cores, %s\n' "$(nproc)" "$(uname -sr)"
     printf 'settings\tscratch dir\t%s (%s)\n' "$BENCH_DIR" "$(stat -f -c %T "$BENCH_DIR")"
     has_server flexnbd && printf 'settings\tflexnbd args\tserve -l 127.0.0.1 -p PORT -f FILE %s\n' "$FLEXNBD_ARGS"

@@ -897,14 +897,15 @@ pub fn set_keepalive(fd: i32) {
 /// softirqs (perf: nbdcopy's recv -> ACK -> tcp_ack -> __tcp_push_pending_frames). On 2
 /// cores nbdcopy spent 430-580 ms of CPU per GiB read that way, 250-390 ms against nbdkit,
 /// and read 2.7 GB/s. With 48 KiB from the start of the connection it spent about 285 ms
-/// and the median rate was 3.6-3.9 GB/s (nbdkit 2.9; 32 and 64 KiB were close, 8 KiB and
+/// and the median rate was 3.6-3.9 GB/s (nbdkit 2.9; single copies are bimodal, about 2.5
+/// or 4-5 GB/s, see the README's benchmark notes; 32 and 64 KiB were close, 8 KiB and
 /// 128 KiB or more were not better than no limit). Set only at a connection's first
 /// offload instead, the same limit made things worse (2.5 GB/s); why is not known.
 /// Clients of small requests never leave that much unsent: random I/O rates did not move.
 const NOTSENT_LOWAT: libc::c_int = 48 * 1024;
 
 /// The options every accepted client socket gets (TCP_NODELAY is set through std).
-pub fn tune_client_socket(fd: i32) {
+fn tune_client_socket(fd: i32) {
     set_keepalive(fd);
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, NOTSENT_LOWAT);
 }

@@ -590,6 +590,11 @@ impl Server {
                 " migration_speed={speed} migration_duration={} migration_seconds_left={secs_left} migration_bytes_left={left}",
                 m.began.elapsed().as_secs()
             );
+            s += &format!(
+                " migration_retrying={} migration_failed_attempts={}",
+                m.retrying(),
+                m.failed_attempts()
+            );
             if let Some(n) = m.spec.max_bps {
                 s += &format!(" migration_speed_limit={n}");
             }

@@ -827,6 +827,8 @@ fn destination_killed_mid_way_and_restarted_still_completes() {
     // No checkpoint was reached, so the next attempt copies everything: the status says so
     // rather than showing the dead attempt's figures.
     assert_eq!(int_field(&st, "migration_bytes_left"), SIZE, "while retrying: {st:?}");
+    assert_eq!(field(&st, "migration_retrying"), "true", "nothing listens on the port: {st:?}");
+    assert!(int_field(&st, "migration_failed_attempts") >= 1, "after its destination died: {st:?}");
 
     let mut dst2 = listen_on_port(&dst_file, port, None);
     // Lift the limit so the retry is quick.
@@ -1155,6 +1157,8 @@ fn status_shows_progress_and_speed_limit_while_mirroring() {
     assert!(int_field(&st, "migration_duration") >= 1, "migration_duration after 1.2 s: {st:?}");
     let speed = int_field(&st, "migration_speed");
     assert!(speed <= 3 * LIMIT, "migration_speed={speed} with a limit of {LIMIT}: {st:?}");
+    assert_eq!(field(&st, "migration_retrying"), "false", "a first attempt that is copying: {st:?}");
+    assert_eq!(int_field(&st, "migration_failed_attempts"), 0, "{st:?}");
 
     let out = cli(&["mirror-speed", "-s", s(&src_sock), "--max-bps", "0"]);
     out.assert_success("flexnbd mirror-speed --max-bps 0");

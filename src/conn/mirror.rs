@@ -122,6 +122,8 @@ pub struct Mirror {
     write_blocked: bool,
     /// A destination has answered with a valid hello at least once: failures now retry.
     started: bool,
+    /// Attempts that failed after `started` (each is retried).
+    failed_attempts: u32,
     /// The destination's size from NBD_INFO_EXPORT, until GO is acknowledged.
     remote_size: Option<u64>,
     /// Resume token the destination offered in this attempt's negotiation.
@@ -183,6 +185,7 @@ impl Mirror {
             bufs: BufPool::of_lengths(&[CHUNK as usize, CHUNK_BUSY as usize], MAX_IN_FLIGHT as usize),
             write_blocked: false,
             started: false,
+            failed_attempts: 0,
             remote_size: None,
             offered_instance: None,
             dest_instance: None,
@@ -252,6 +255,18 @@ impl Mirror {
     pub fn speed(&self) -> u64 {
         let secs = self.attempt_started.elapsed().as_secs_f64();
         if secs > 0.0 { (self.attempt_bytes as f64 / secs) as u64 } else { 0 }
+    }
+
+    /// Attempts that failed and were retried so far.
+    pub fn failed_attempts(&self) -> u32 {
+        self.failed_attempts
+    }
+
+    /// Between a failed attempt and the next one's copying: waiting to reconnect, connecting
+    /// or negotiating again.
+    pub fn retrying(&self) -> bool {
+        self.failed_attempts > 0
+            && matches!(self.state, State::Backoff | State::Connecting | State::Hello | State::Negotiating)
     }
 
     pub fn set_max_bps(&mut self, n: u64) {
@@ -760,6 +775,7 @@ impl Mirror {
             warn!("mirror {}: {first_msg} ({detail})", self.id);
             return Outcome::Refused(first_msg);
         }
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
         warn!("mirror {}: attempt failed ({detail}); retrying in {RETRY_DELAY:?}", self.id);
         self.checkpoint_cookie = None;
         let origin = self.pass_origin.take();

@@ -3,7 +3,7 @@
 //! Reuse of request buffers. Fresh buffers cost an allocation and a zero fill (and for big ones
 //! page faults) on every request; clients send the same few sizes over and over, so buffers
 //! are kept by exact length and handed out again. The pool is bounded and owned by the reactor
-//! thread, and emptied when no client is connected so an idle server stays small.
+//! thread, and emptied a few seconds after the last client leaves so an idle server is small.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};

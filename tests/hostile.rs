@@ -1001,3 +1001,46 @@ fn write_past_the_file_size_rlimit_gets_an_error_reply() {
     assert_responsive(&mut server, &file, Duration::from_secs(2), "after a write past RLIMIT_FSIZE");
     assert_no_panic(&server, "RLIMIT_FSIZE");
 }
+
+/// The request buffers a bulk writer leaves in the pool are kept a few seconds for the next
+/// client (see POOL_LINGER in event_loop.rs) and then given back: an idle server shrinks to its
+/// starting size and stays quiet.
+#[test]
+fn request_buffers_go_back_after_the_last_client() {
+    let _g = serial();
+    require_tool("nbdcopy");
+    let dir = TempDir::new("linger");
+    let file = dir.join("served.img");
+    make_sparse_file(&file, 64 * MIB);
+    let input = dir.join("in.img");
+    make_random_file(&input, 64 * MIB, 110);
+    let mut server = Server::start(&file, &[]);
+    let rss_before = vm_rss_kib(server.pid());
+
+    let out = run_bounded(Command::new("nbdcopy").arg(&input).arg(server.uri()), Duration::from_secs(60));
+    out.assert_success("nbdcopy in.img nbd://");
+    let rss_after = vm_rss_kib(server.pid());
+
+    // The release comes 5 s after the disconnect; allow for a slow machine.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let limit = rss_before + 2 * 1024;
+    let mut rss = rss_after;
+    while rss > limit && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        rss = vm_rss_kib(server.pid());
+    }
+    eprintln!(
+        "VmRSS {:.1} MiB before, {:.1} MiB after writing 64 MiB, {:.1} MiB once idle",
+        mib(rss_before),
+        mib(rss_after),
+        mib(rss)
+    );
+    assert!(rss <= limit, "server still holds {:.1} MiB after 20 s without clients", mib(rss));
+
+    let cpu = cpu_time(server.pid());
+    thread::sleep(Duration::from_secs(1));
+    let used = cpu_time(server.pid()) - cpu;
+    assert!(used <= Duration::from_millis(20), "idle server used {used:?} of CPU in 1 s");
+    assert_files_equal(&input, &file);
+    server.assert_alive("after the buffers were released");
+}

@@ -35,6 +35,8 @@ METRICS = [
     # near 100% is the bottleneck whatever the server does.
     ("seq_read_client_cpu", "seq read: client (nbdcopy) CPU, % of a core", None),
     ("seq_read_server_cpu", "seq read: server CPU, % of a core", None),
+    ("seq_write_client_cpu", "seq write: client (nbdcopy) CPU, % of a core", None),
+    ("seq_write_server_cpu", "seq write: server CPU, % of a core", None),
     ("randread_qd32_client_cpu", "4K randread QD32: client (fio) CPU, % of a core", None),
     ("randread_qd32_server_cpu", "4K randread QD32: server CPU, % of a core", None),
     ("randwrite_qd32_client_cpu", "4K randwrite QD32: client (fio) CPU, % of a core", None),

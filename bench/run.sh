@@ -407,12 +407,15 @@ run_round() {  # run_round ROUND SERVER...   (servers in this round's order)
     done; done
     for ((rep = 1; rep <= SEQ_REPS; rep++)); do for s in "${up[@]}"; do
         alive "$r" "$s" seq_write || continue
+        cpu_mark 0 "$s"
         t0=$(now)
         # shellcheck disable=SC2086
         if timeout "$CMD_TIMEOUT" "${RUN[@]}" nbdcopy $NBDCOPY_ARGS \
                 "$SRC" "nbd://127.0.0.1:${SPORT[$s]}" 2>>"$BENCH_DIR/logs/$s-r$r.client"; then
             t1=$(now); secs=$(elapsed "$t0" "$t1")
+            cpu_mark 1 "$s"
             record "$r" "$s" seq_write "$(calc "$SIZE_BYTES/1e6/$secs")"
+            cpu_share "$r" "$s" seq_write
             moved[$s]=$((moved[$s] + SIZE_BYTES))
             cmp -s "$SRC" "$BENCH_DIR/data-$s.img" \
                 || fail "$r" "$s" data_check "after the sequential write the served file differs from the source"

@@ -1137,6 +1137,24 @@ fn a_1000_byte_file_migrates() {
     assert_files_equal(&src_file, &dst_file);
 }
 
+/// A plain NBD server (here a flexnbd `serve`, which refuses the migration option like any
+/// other server) is still a valid target: the data arrives and the source hands over, but the
+/// source says once that nobody there will take over.
+#[test]
+fn mirroring_to_a_plain_nbd_server_warns_once_and_completes() {
+    const SIZE: u64 = 4 * MIB;
+    let (dir, src_file, src_sock, mut src) = source("mirror-plain", SIZE, 92);
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, SIZE);
+    let mut dst = Server::start(&dst_file, &[]);
+    start_mirror(&src_sock, dst.port(), &[]);
+    assert_exits_zero(&mut src, "source after mirroring to a plain server", MIGRATION_TIMEOUT);
+    assert_files_equal(&src_file, &dst_file);
+    let warned = src.stderr_lines().iter().filter(|l| l.contains("is not a flexnbd listen server")).count();
+    assert_eq!(warned, 1, "expected one warning about the plain target; stderr:\n{}", src.stderr_text());
+    dst.assert_alive("a plain destination keeps serving after the handover");
+}
+
 #[test]
 fn status_shows_progress_and_speed_limit_while_mirroring() {
     const SIZE: u64 = 32 * MIB;

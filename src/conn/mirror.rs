@@ -128,6 +128,8 @@ pub struct Mirror {
     remote_size: Option<u64>,
     /// Resume token the destination offered in this attempt's negotiation.
     offered_instance: Option<u64>,
+    /// The destination refused our migration option once already (warned about, once).
+    plain_target: bool,
     /// Token the current (or last) attempt copied under.
     dest_instance: Option<u64>,
     /// Sent before our migration option: a destination hands the same token back to the same
@@ -188,6 +190,7 @@ impl Mirror {
             failed_attempts: 0,
             remote_size: None,
             offered_instance: None,
+            plain_target: false,
             dest_instance: None,
             resume_from: None,
             checkpointed: false,
@@ -458,11 +461,18 @@ impl Mirror {
                     let (opt, rep) = (r.opt, r.rep);
                     let info =
                         if rep == RepType::Info as u32 { hs::parse_info_export(r.data)? } else { None };
-                    if opt == OptCode::FlexnbdMigrate as u32
-                        && rep == RepType::Ack as u32
-                        && r.data.len() == 8
-                    {
-                        self.offered_instance = Some(crate::proto::be64(r.data));
+                    if opt == OptCode::FlexnbdMigrate as u32 {
+                        if rep == RepType::Ack as u32 && r.data.len() == 8 {
+                            self.offered_instance = Some(crate::proto::be64(r.data));
+                        } else if rep & 0x8000_0000 != 0 && !std::mem::replace(&mut self.plain_target, true) {
+                            // Still a valid target, but nothing there waits to take over: say so,
+                            // since a script that expects a `listen` there has the wrong address.
+                            warn!(
+                                "mirror {}: destination is not a flexnbd listen server (it refused the \
+                                 migration option); copying to it as a plain NBD server",
+                                self.id
+                            );
+                        }
                     }
                     pos += used;
                     if opt == OptCode::Go as u32 {

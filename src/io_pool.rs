@@ -132,31 +132,40 @@ impl Queues {
         }
     }
 
-    fn pop(&mut self) -> Option<Job> {
+    /// The next job to run, and whether it is a background one.
+    fn pop(&mut self) -> Option<(Job, bool)> {
         if !self.writing
             && let Some(j) = self.writes.pop_front()
         {
             self.writing = true;
-            return Some(j);
+            return Some((j, false));
         }
         if self.back.is_empty() {
-            return self.front.pop_front();
+            return self.front.pop_front().map(|j| (j, false));
         }
         if self.passed_over < BACK_EVERY
             && let Some(j) = self.front.pop_front()
         {
             self.passed_over += 1;
-            return Some(j);
+            return Some((j, false));
         }
         self.passed_over = 0;
-        self.back.pop_front()
+        self.back.pop_front().map(|j| (j, true))
     }
+}
+
+/// Completions waiting for the reactor, and how many of them are background jobs (which the
+/// reactor does not count as outstanding).
+#[derive(Default)]
+struct Done {
+    list: Vec<Completion>,
+    background: usize,
 }
 
 struct Shared {
     jobs: Mutex<Queues>,
     cond: Condvar,
-    done: Mutex<Vec<Completion>>,
+    done: Mutex<Done>,
     waker: Arc<mio::Waker>,
     export: Arc<Export>,
 }
@@ -177,7 +186,7 @@ impl IoPool {
         let shared = Arc::new(Shared {
             jobs: Mutex::new(Queues::default()),
             cond: Condvar::new(),
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new(Done::default()),
             waker,
             export,
         });
@@ -219,10 +228,12 @@ impl IoPool {
 
     /// Everything completed since the last call.
     pub fn drain(&self, into: &mut Vec<Completion>) {
-        let mut d = lock(&self.shared.done);
-        std::mem::swap(&mut *d, into);
-        // Background jobs are the mirror's reads, and only those.
-        let client = into.iter().filter(|c| !matches!(c.job.op, Op::ReadSparse { .. })).count();
+        let background = {
+            let mut d = lock(&self.shared.done);
+            std::mem::swap(&mut d.list, into);
+            std::mem::take(&mut d.background)
+        };
+        let client = into.len().saturating_sub(background);
         self.outstanding.set(self.outstanding.get().saturating_sub(client));
         let sends = into.iter().filter(|c| matches!(c.job.op, Op::Send { .. })).count();
         self.sending.set(self.sending.get().saturating_sub(sends));
@@ -263,7 +274,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn worker(s: &Shared) {
     let mut wrote = false;
     loop {
-        let job = {
+        let (job, background) = {
             let mut q = lock(&s.jobs);
             // The worker that frees the write lane takes the next write itself, so no waiting
             // write needs a wake-up.
@@ -284,8 +295,9 @@ fn worker(s: &Shared) {
         let c = run(&s.export, job);
         let was_empty = {
             let mut d = lock(&s.done);
-            d.push(c);
-            d.len() == 1
+            d.list.push(c);
+            d.background += usize::from(background);
+            d.list.len() == 1
         };
         if was_empty {
             let _ = s.waker.wake();
@@ -356,15 +368,16 @@ mod tests {
         for c in 0..40 {
             q.front.push_back(job(c));
         }
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.cookie).collect();
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|(j, _)| j.cookie).collect();
         let at = order.iter().position(|&c| c == 1000);
         assert_eq!(at, Some(BACK_EVERY as usize), "order: {order:?}");
         assert_eq!(order.len(), 41);
-        // Alone, a background job goes at once; with no background job, clients keep order.
+        // Alone, a background job goes at once, and is said to be one (the reactor does not
+        // count it as a client's); with no background job, clients keep order.
         q.back.push_back(job(7));
-        assert_eq!(q.pop().map(|j| j.cookie), Some(7));
+        assert_eq!(q.pop().map(|(j, bg)| (j.cookie, bg)), Some((7, true)));
         q.front.extend([job(1), job(2)]);
-        assert_eq!(q.pop().map(|j| j.cookie), Some(1));
+        assert_eq!(q.pop().map(|(j, bg)| (j.cookie, bg)), Some((1, false)));
     }
 
     #[test]
@@ -379,15 +392,15 @@ mod tests {
         assert!(q.push(write(2, false)), "nothing runs yet");
         assert!(q.push(job(3)));
         assert!(q.push(write(4, true)), "FUA writes are not in the lane");
-        assert_eq!(q.pop().map(|j| j.cookie), Some(1));
+        assert_eq!(q.pop().map(|(j, _)| j.cookie), Some(1));
         assert!(!q.push(write(5, false)), "waits for the running write");
         // While 1 runs, 2 waits; everything else goes ahead.
-        assert_eq!(q.pop().map(|j| j.cookie), Some(3));
-        assert_eq!(q.pop().map(|j| j.cookie), Some(4));
+        assert_eq!(q.pop().map(|(j, _)| j.cookie), Some(3));
+        assert_eq!(q.pop().map(|(j, _)| j.cookie), Some(4));
         assert!(q.pop().is_none());
         q.writing = false;
-        assert_eq!(q.pop().map(|j| j.cookie), Some(2));
+        assert_eq!(q.pop().map(|(j, _)| j.cookie), Some(2));
         q.writing = false;
-        assert_eq!(q.pop().map(|j| j.cookie), Some(5));
+        assert_eq!(q.pop().map(|(j, _)| j.cookie), Some(5));
     }
 }

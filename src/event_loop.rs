@@ -36,9 +36,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const SPIN: Duration = Duration::from_micros(50);
 /// How long request buffers are kept after the last client leaves. Tools like nbdcopy and
 /// qemu-img connect afresh for every copy, and refilling the pool costs a page fault per 4 KiB
-/// (a 1 GiB nbdcopy write faulted 5,500 times, about 9 us each on the benchmark VM: some 50 ms
-/// of a 0.5 s copy). Long enough for a script's next command, short enough that an idle server
-/// is soon small again.
+/// (a 1 GiB nbdcopy write faulted 5,500 times, about 9 us each on the benchmark VM). Long
+/// enough for a script's next command, short enough that an idle server is soon small again.
 const POOL_LINGER: Duration = Duration::from_secs(5);
 
 pub struct ServeOptions {

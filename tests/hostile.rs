@@ -1010,10 +1010,7 @@ fn request_buffers_go_back_after_the_last_client() {
     let _g = serial();
     require_tool("nbdcopy");
     let dir = TempDir::new("linger");
-    let file = dir.join("served.img");
-    make_sparse_file(&file, 64 * MIB);
-    let input = dir.join("in.img");
-    make_random_file(&input, 64 * MIB, 110);
+    let (file, input) = served_and_input(&dir, 64 * MIB, 110);
     let mut server = Server::start(&file, &[]);
     let rss_before = vm_rss_kib(server.pid());
 

@@ -112,10 +112,7 @@ fn nbdcopy_reads_64mib_random_file_identically() {
 fn nbdcopy_writes_64mib_random_file_identically() {
     require_tool("nbdcopy");
     let dir = TempDir::new("nbdcopy-write");
-    let file = dir.join("served.img");
-    make_sparse_file(&file, 64 * MIB);
-    let input = dir.join("in.img");
-    make_random_file(&input, 64 * MIB, 6);
+    let (file, input) = served_and_input(&dir, 64 * MIB, 6);
     let mut server = Server::start(&file, &[]);
 
     let out = run(Command::new("nbdcopy").arg(&input).arg(server.uri()));

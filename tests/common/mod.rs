@@ -212,6 +212,15 @@ pub fn make_sparse_file(path: &Path, len: u64) {
     f.set_len(len).unwrap_or_else(|e| panic!("set_len {}: {e}", path.display()));
 }
 
+/// For copy-in tests: `served.img`, sparse, and `in.img`, random (seeded), both `len` bytes, in
+/// `dir`.
+pub fn served_and_input(dir: &TempDir, len: u64, seed: u64) -> (PathBuf, PathBuf) {
+    let (served, input) = (dir.join("served.img"), dir.join("in.img"));
+    make_sparse_file(&served, len);
+    make_random_file(&input, len, seed);
+    (served, input)
+}
+
 /// Write `data` at `offset` into an existing file (does not truncate).
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     let f =

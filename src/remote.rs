@@ -165,7 +165,7 @@ impl NbdClient {
                         }
                     }
                 }
-                _ if r.rep & 0x8000_0000 != 0 => {
+                _ if r.rep & REP_FLAG_ERROR != 0 => {
                     let msg = String::from_utf8_lossy(r.data);
                     return Err(remote(format!("server refused the export (error {:#x}): {msg}", r.rep)));
                 }

@@ -464,7 +464,9 @@ impl Mirror {
                     if opt == OptCode::FlexnbdMigrate as u32 {
                         if rep == RepType::Ack as u32 && r.data.len() == 8 {
                             self.offered_instance = Some(crate::proto::be64(r.data));
-                        } else if rep & 0x8000_0000 != 0 && !std::mem::replace(&mut self.plain_target, true) {
+                        } else if rep & REP_FLAG_ERROR != 0
+                            && !std::mem::replace(&mut self.plain_target, true)
+                        {
                             // Still a valid target, but nothing there waits to take over: say so,
                             // since a script that expects a `listen` there has the wrong address.
                             warn!(
@@ -483,7 +485,7 @@ impl Mirror {
                                 return Err(ParseError::Malformed("GO acknowledged without the export size"));
                             };
                             outcome = self.begin_copy(core, size);
-                        } else if rep & 0x8000_0000 != 0 {
+                        } else if rep & REP_FLAG_ERROR != 0 {
                             return Err(ParseError::Malformed("destination refused the export"));
                         }
                     }

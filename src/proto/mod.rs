@@ -132,6 +132,9 @@ wire_enum!(
     }
 );
 
+/// NBD_REP_FLAG_ERROR: an option reply type with this bit set is an error, known to us or not.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
+
 wire_enum!(
     /// NBD_INFO_* information types inside NBD_REP_INFO.
     InfoType: u16 {

@@ -1,7 +1,8 @@
 //! Command-line grammar: the original flexnbd manual's commands and options (long and short),
-//! plus our additions (`--oldstyle`, `--read-only`, `mirror --wait/--max-bps`, `mirror-speed`).
+//! plus our additions (`--oldstyle`, `--read-only`, `--workers`, `--multi-conn`, `mirror --wait/--max-bps`,
+//! `mirror-speed`).
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -76,11 +77,41 @@ pub struct ServeArgs {
     /// Disk worker threads
     #[arg(long = "workers", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
+    /// Advertise multi-conn (CAN_MULTI_CONN): auto does on hosts with more than 2 CPUs
+    #[arg(long = "multi-conn", value_name = "WHEN", value_enum, default_value_t = MultiConn::Auto)]
+    pub multi_conn: MultiConn,
     /// ACL entries: IP addresses with an optional /prefix
     #[arg(value_name = "ACL_ENTRY")]
     pub acl: Vec<String>,
     #[command(flatten)]
     pub log: LogOpts,
+}
+
+/// Whether clients are told they may open several connections to the export.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultiConn {
+    Auto,
+    On,
+    Off,
+}
+
+impl MultiConn {
+    /// Most CPUs at which `auto` leaves the flag off. Our connections are all read by the one
+    /// reactor thread, so a second connection adds no parallelism on our side; what it adds is a
+    /// second client thread (nbdcopy runs one per connection), and on two CPUs that thread and
+    /// ours take turns on the same cores and pass every payload between them. Measured with
+    /// nbdcopy on loopback, 2 CPUs: one connection writes 1 GiB at 2,222 MB/s against 1,929 with
+    /// two, and reads at 3,938 against 3,225.
+    pub const AUTO_OFF_MAX_CPUS: usize = 2;
+
+    /// Whether to advertise multi-conn on a host with `cpus` CPUs available to us.
+    pub fn advertise(self, cpus: usize) -> bool {
+        match self {
+            MultiConn::On => true,
+            MultiConn::Off => false,
+            MultiConn::Auto => cpus > Self::AUTO_OFF_MAX_CPUS,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -162,4 +193,18 @@ pub struct RemoteIoArgs {
     pub bind: Option<String>,
     #[command(flatten)]
     pub log: LogOpts,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_conn_auto_follows_the_cpu_count_and_on_off_override_it() {
+        assert!(!MultiConn::Auto.advertise(1));
+        assert!(!MultiConn::Auto.advertise(2));
+        assert!(MultiConn::Auto.advertise(3));
+        assert!(MultiConn::On.advertise(1));
+        assert!(!MultiConn::Off.advertise(64));
+    }
 }

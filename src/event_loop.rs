@@ -5,6 +5,7 @@
 use crate::acl::Acl;
 use crate::batching::Batching;
 use crate::buffer::BufPool;
+use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
@@ -51,6 +52,7 @@ pub struct ServeOptions {
     pub read_only: bool,
     pub listen: bool,
     pub workers: usize,
+    pub multi_conn: MultiConn,
 }
 
 pub enum Conn {
@@ -172,6 +174,11 @@ impl Server {
         let pool =
             IoPool::new(o.workers, export.clone(), waker).map_err(setup("cannot start disk workers"))?;
         info!("listening on {local}, serving {} ({} bytes)", o.file.display(), export.size());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let multi_conn = o.multi_conn.advertise(cpus);
+        if !multi_conn && o.multi_conn == MultiConn::Auto {
+            info!("multi-conn not advertised on {cpus} CPUs (--multi-conn on advertises it)");
+        }
         let cfg = ServeConfig {
             oldstyle: o.oldstyle,
             read_only: o.read_only,
@@ -179,6 +186,7 @@ impl Server {
             max_in_flight_bytes: 64 << 20,
             max_in_flight_reqs: 1024,
             instance_id: random_u64(),
+            multi_conn,
         };
         let instance_id = cfg.instance_id;
         Ok(Server {

@@ -90,5 +90,6 @@ fn serve(a: flexnbd::cli::ServeArgs, listen: bool) -> Result<i32, Error> {
         read_only: a.read_only,
         listen,
         workers: a.workers as usize,
+        multi_conn: a.multi_conn,
     })
 }

@@ -368,6 +368,7 @@ fn bad_command_lines_fail_without_panicking() {
         vec!["serve", "-l", "127.0.0.1", "-p", "notaport", "-f", f],
         vec!["serve", "-l", "127.0.0.1", "-p", "70000", "-f", f],
         vec!["serve", "-l", "127.0.0.1", "-p", "0", "-f", f, "--workers", "0"],
+        vec!["serve", "-l", "127.0.0.1", "-p", "0", "-f", f, "--multi-conn", "maybe"],
         vec!["serve", "-l", "127.0.0.1", "-p", "0", "-f", f, "--no-such-option"],
         vec!["listen", "-p", "0", "-f", f],
         vec!["status"],

@@ -131,23 +131,6 @@ fn assert_no_panic(server: &Server, what: &str) {
     );
 }
 
-/// Count the server's stderr lines containing `needle`.
-fn count_lines(server: &Server, needle: &str) -> usize {
-    server.stderr_lines().iter().filter(|l| l.contains(needle)).count()
-}
-
-/// Wait (bounded) until at least `n` stderr lines contain `needle`; returns the final count.
-fn wait_line_count(server: &Server, needle: &str, n: usize, timeout: Duration) -> usize {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let c = count_lines(server, needle);
-        if c >= n || Instant::now() >= deadline {
-            return c;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. A thousand concurrent connections doing I/O
 // ---------------------------------------------------------------------------------------------
@@ -362,7 +345,7 @@ fn ten_thousand_idle_connections() {
         &errors[..errors.len().min(5)]
     );
     // The server logs each accepted client: wait until it has taken all of them.
-    let accepted = wait_line_count(&server, ": connected", n, Duration::from_secs(20));
+    let accepted = server.wait_line_count(": connected", n, Duration::from_secs(20));
     assert_eq!(accepted, n, "the server accepted only {accepted} of {n} idle connections");
     let accept_time = t0.elapsed();
 
@@ -392,9 +375,9 @@ fn ten_thousand_idle_connections() {
         IDLE_RSS_LIMIT_KIB / 1024
     );
     // The fresh client's own close is logged too: count from after it.
-    let base = wait_line_count(&server, ": disconnected", 1, Duration::from_secs(2));
+    let base = server.wait_line_count(": disconnected", 1, Duration::from_secs(2));
     drop(idle);
-    let gone = wait_line_count(&server, ": disconnected", base + n, Duration::from_secs(20)) - base;
+    let gone = server.wait_line_count(": disconnected", base + n, Duration::from_secs(20)) - base;
     assert_eq!(gone, n, "the server closed only {gone} of {n} idle connections after they closed");
     assert_responsive(&mut server, &file, Duration::from_secs(2), "after the idle connections closed");
     assert_no_panic(&server, "idle connections");
@@ -536,7 +519,7 @@ fn connections_reset_mid_request() {
     let mut server = Server::start(&file, &[]);
     let addr = server.addr();
     let rounds = 100;
-    let base = count_lines(&server, ": disconnected");
+    let base = server.count_lines(": disconnected");
     let t0 = Instant::now();
     for i in 0..rounds {
         let what = format!("reset round {i} (kind {})", i % 6);
@@ -595,7 +578,7 @@ fn connections_reset_mid_request() {
     }
     let spent = t0.elapsed();
     // Every reset connection must be closed by the server (none left stuck half-alive).
-    let gone = wait_line_count(&server, ": disconnected", base + rounds, Duration::from_secs(10)) - base;
+    let gone = server.wait_line_count(": disconnected", base + rounds, Duration::from_secs(10)) - base;
     eprintln!("{rounds} reset connections in {spent:?}; the server closed {gone} of them");
     assert_eq!(gone, rounds, "the server closed only {gone} of {rounds} reset connections");
     server.assert_alive("after 100 reset connections");

@@ -32,12 +32,40 @@ fn nbdinfo_reports_size_and_capabilities() {
     let j = &out.stdout;
     assert_eq!(info_value(j, "export-size"), size.to_string(), "{j}");
     assert_eq!(info_value(j, "is_read_only"), "false", "{j}");
-    for key in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for key in ["can_flush", "can_fua", "can_trim", "can_zero"] {
         assert_eq!(info_value(j, key), "true", "{key} in:\n{j}");
     }
+    // `--multi-conn auto`: advertised only with more than 2 CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(info_value(j, "can_multi_conn"), (cpus > 2).to_string(), "{cpus} CPUs:\n{j}");
     // Fixed newstyle with structured replies, and base:allocation offered.
     assert_eq!(info_value(j, "protocol"), "newstyle-fixed", "{j}");
     assert!(j.contains("base:allocation"), "no base:allocation in:\n{j}");
+}
+
+/// `--multi-conn on|off` overrides the CPU rule; nbdcopy then opens one connection or several.
+#[test]
+fn multi_conn_on_and_off_are_what_nbdinfo_and_nbdcopy_see() {
+    require_tool("nbdinfo");
+    require_tool("nbdcopy");
+    let dir = TempDir::new("multi-conn");
+    let (file, input) = served_and_input(&dir, 8 * MIB, 12);
+    for (when, advertised) in [("on", true), ("off", false)] {
+        let server = Server::start(&file, &["--multi-conn", when]);
+        let out = run(Command::new("nbdinfo").arg("--json").arg(server.uri()));
+        out.assert_success("nbdinfo --json");
+        assert_eq!(info_value(&out.stdout, "can_multi_conn"), advertised.to_string(), "{when}");
+        let out = run(Command::new("nbdcopy")
+            .args(["--connections=4", "--threads=4"])
+            .arg(&input)
+            .arg(server.uri()));
+        out.assert_success("nbdcopy");
+        assert_files_equal(&input, &file);
+        // nbdinfo's connection, then nbdcopy's: one without the flag, more with it. Waiting for
+        // a third line costs the "off" case its whole (short) bound, and proves there is none.
+        let copies = server.wait_line_count(": connected", 3, Duration::from_secs(1)) - 1;
+        assert_eq!(copies > 1, advertised, "--multi-conn {when}: nbdcopy opened {copies} connections");
+    }
 }
 
 #[test]

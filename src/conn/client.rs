@@ -945,7 +945,10 @@ fn read_some_vectored(s: &mut impl Read, a: &mut [u8], b: &mut [u8]) -> Result<O
 /// What this export supports. DF is only offered with structured replies: it is about their
 /// chunks, and the spec has servers clear it otherwise.
 pub fn transmission_flags(ctx: &Ctx, structured: bool) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
+    if ctx.cfg.multi_conn {
+        f |= TF_CAN_MULTI_CONN;
+    }
     if structured {
         f |= TF_SEND_DF;
     }

@@ -26,6 +26,8 @@ pub struct ServeConfig {
     /// Random id of this process: seeds the resume token a `listen` server gives migration
     /// senders (`Lineage`) and tells this process's migrations apart from any other's.
     pub instance_id: u64,
+    /// Advertise CAN_MULTI_CONN (`--multi-conn`, resolved against the CPU count at startup).
+    pub multi_conn: bool,
 }
 
 /// What the reactor lends a connection while it handles an event.

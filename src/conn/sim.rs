@@ -181,6 +181,7 @@ impl Sim {
             max_in_flight_bytes: 8 << 20,
             max_in_flight_reqs: 64,
             instance_id: 1,
+            multi_conn: true,
         };
         let acl = Acl::default();
         let queue = Queue(RefCell::new(Vec::new()));

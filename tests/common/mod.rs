@@ -563,6 +563,23 @@ impl Server {
         self.stderr_lines().join("\n")
     }
 
+    /// Count the stderr lines containing `needle`.
+    pub fn count_lines(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Wait (bounded) until at least `n` stderr lines contain `needle`; returns the final count.
+    pub fn wait_line_count(&self, needle: &str, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.count_lines(needle);
+            if c >= n || Instant::now() >= deadline {
+                return c;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Wait (bounded) until some stderr line contains `needle`.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -1,6 +1,6 @@
 //! Command-line grammar: the original flexnbd manual's commands and options (long and short),
-//! plus our additions (`--oldstyle`, `--read-only`, `--workers`, `--multi-conn`, `mirror --wait/--max-bps`,
-//! `mirror-speed`).
+//! plus our additions (`--oldstyle`, `--read-only`, `--workers`, `--multi-conn`,
+//! `mirror --wait/--max-bps`, `mirror-speed`).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -77,7 +77,7 @@ pub struct ServeArgs {
     /// Disk worker threads
     #[arg(long = "workers", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
-    /// Advertise multi-conn (CAN_MULTI_CONN): auto does on hosts with more than 2 CPUs
+    /// Advertise multi-conn (CAN_MULTI_CONN); auto: only on hosts with more than 2 CPUs
     #[arg(long = "multi-conn", value_name = "WHEN", value_enum, default_value_t = MultiConn::Auto)]
     pub multi_conn: MultiConn,
     /// ACL entries: IP addresses with an optional /prefix

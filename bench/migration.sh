@@ -24,6 +24,9 @@
 #   CMD_TIMEOUT=300    bound (s) for one client command / migration
 #   LOCK_WAIT=3600     runs are serialised per machine with bench/run.sh (same flock)
 #   KEEP=1             keep the scratch dir (logs)
+#   DEST_FILLED=0      1: each round's destination file is written full of zeros first instead
+#                      of created sparse, so no test pays for the first touch of fresh memory
+#                      (on the benchmark VM that made idle migrations bimodal, 0.4-2.1 GB/s)
 #   SMOKE=1            64 MiB, 1 round, short runtimes; for CI (~30-40 s)
 # Exit status: 0 if every measurement and check succeeded (targets missed do not fail the
 # run unless STRICT=1), 1 if any failed, 2 on a setup error.
@@ -48,6 +51,7 @@ LAT_RUNTIME=${LAT_RUNTIME:-5}
 CMD_TIMEOUT=${CMD_TIMEOUT:-300}
 RESULTS_MD=${RESULTS_MD-$HERE/migration-results.md}
 KEEP=${KEEP:-0}
+DEST_FILLED=${DEST_FILLED:-0}
 STRICT=${STRICT:-0}
 
 LOG_TAG=migbench
@@ -108,16 +112,21 @@ wait_exit() {   # wait_exit PID SECS
 }
 
 # ---------------------------------------------------------------- data
-log "scratch $BENCH_DIR; SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LAT_MAX_BPS=$LAT_MAX_BPS SMOKE=$SMOKE"
+log "scratch $BENCH_DIR; SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LAT_MAX_BPS=$LAT_MAX_BPS SMOKE=$SMOKE DEST_FILLED=$DEST_FILLED"
 cp "$FLEXNBD" "$BENCH_DIR/flexnbd" || die "cannot copy $FLEXNBD"
 FLEXNBD_ORIG=$FLEXNBD; FLEXNBD=$BENCH_DIR/flexnbd
 MASTER=$BENCH_DIR/master.img
 head -c "$SIZE_BYTES" /dev/urandom >"$MASTER" || die "cannot write $MASTER"
 SRCF=$BENCH_DIR/src.img
 DSTF=$BENCH_DIR/dst.img
-fresh_files() {  # random source, empty (sparse) destination of the same size
+fresh_files() {  # random source, empty destination of the same size (sparse unless DEST_FILLED=1)
     rm -f "$SRCF" "$DSTF"
-    cp "$MASTER" "$SRCF" && truncate -s "$SIZE_BYTES" "$DSTF"
+    cp "$MASTER" "$SRCF" || return 1
+    if [[ $DEST_FILLED == 1 ]]; then
+        head -c "$SIZE_BYTES" /dev/zero >"$DSTF"
+    else
+        truncate -s "$SIZE_BYTES" "$DSTF"
+    fi
 }
 
 # ---------------------------------------------------------------- servers
@@ -342,7 +351,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 # ---------------------------------------------------------------- report
-META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
+META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
 python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" <<'EOF'
 import math, statistics, sys
 raw, notes, md_path, meta, strict = sys.argv[1:6]

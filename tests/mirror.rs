@@ -1150,7 +1150,7 @@ fn mirroring_to_a_plain_nbd_server_warns_once_and_completes() {
     start_mirror(&src_sock, dst.port(), &[]);
     assert_exits_zero(&mut src, "source after mirroring to a plain server", MIGRATION_TIMEOUT);
     assert_files_equal(&src_file, &dst_file);
-    let warned = src.stderr_lines().iter().filter(|l| l.contains("is not a flexnbd listen server")).count();
+    let warned = src.count_lines("is not a flexnbd listen server");
     assert_eq!(warned, 1, "expected one warning about the plain target; stderr:\n{}", src.stderr_text());
     dst.assert_alive("a plain destination keeps serving after the handover");
 }

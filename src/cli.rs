@@ -137,8 +137,22 @@ pub struct MirrorArgs {
     /// Stay until the migration finishes, showing progress; exit 0 only on a completed handover
     #[arg(short = 'w', long = "wait")]
     pub wait: bool,
+    /// Longest time clients may be held at the handover before the attempt is abandoned and
+    /// retried (seconds, fractions allowed; default 2)
+    #[arg(long = "freeze-limit", value_name = "SECS", value_parser = parse_freeze_limit)]
+    pub freeze_limit: Option<std::time::Duration>,
     #[command(flatten)]
     pub log: LogOpts,
+}
+
+/// Seconds as a positive decimal, at most an hour, to whole milliseconds.
+fn parse_freeze_limit(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.001..=3600.0).contains(&secs) => {
+            Ok(std::time::Duration::from_millis((secs * 1000.0).round() as u64))
+        }
+        _ => Err(format!("{s:?} is not a number of seconds between 0.001 and 3600")),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

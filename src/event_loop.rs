@@ -8,7 +8,7 @@ use crate::buffer::BufPool;
 use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
-use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
+use crate::conn::mirror::{DEFAULT_FREEZE_LIMIT, Mirror, MirrorSpec, Outcome};
 use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 
 /// How long shutdown waits for in-flight requests and unsent replies before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a handover, how long clients get to hear ESHUTDOWN for what they sent before the
+/// process exits (the destination serves them from now on).
+const HANDOVER_DRAIN: Duration = Duration::from_secs(1);
 /// Back-off after accept() fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long the reactor keeps polling without sleeping after the last event.
@@ -126,6 +129,10 @@ pub struct Server {
     file: PathBuf,
     /// Set when a handover completed and the process should exit 0.
     handed_over: bool,
+    /// Status keys saying why the last migration gave up, until the next one starts.
+    last_mirror_error: Option<String>,
+    /// A listen server failed to write its file: it cannot complete a migration, so it exits.
+    write_failure: Option<String>,
     pending: Vec<Token>,
     completions: Vec<Completion>,
     accept_paused_until: Option<Instant>,
@@ -219,6 +226,8 @@ impl Server {
             mirror: None,
             file: o.file.clone(),
             handed_over: false,
+            last_mirror_error: None,
+            write_failure: None,
             pending: Vec::new(),
             completions: Vec::new(),
             accept_paused_until: None,
@@ -281,13 +290,17 @@ impl Server {
                 }
             }
             self.drain_completions();
+            if let Some(why) = self.write_failure.take() {
+                fatal!(
+                    "cannot write {}: {why}; exiting, since no migration can complete here",
+                    self.file.display()
+                );
+                break 1;
+            }
             self.mirror_tick();
             self.release_held();
             self.run_pending();
             self.replace_sender();
-            if self.handed_over {
-                break 0;
-            }
             if let Some(at) = self.release_bufs_at
                 && Instant::now() >= at
             {
@@ -312,8 +325,8 @@ impl Server {
                 }
                 if Instant::now() >= deadline {
                     warn!(
-                        "{} clients still busy after {:?}; exiting anyway",
-                        self.core.num_clients, DRAIN_TIMEOUT
+                        "{} clients still busy at the shutdown deadline; exiting anyway",
+                        self.core.num_clients
                     );
                     break code;
                 }
@@ -571,14 +584,17 @@ impl Server {
             Command::Mirror { .. } if self.core.cfg.listen => {
                 (1, "cannot mirror from a listen server".into())
             }
-            Command::Mirror { addr, port, action, bind, max_bps, wait } => {
+            Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit } => {
                 let Ok(ip) = remote::parse_ip(&addr) else { return Some((1, "bad IP address".into())) };
                 let bind = match bind.as_deref().map(remote::parse_ip) {
                     None => None,
                     Some(Ok(b)) => Some(SocketAddr::new(b, 0)),
                     Some(Err(_)) => return Some((1, "bad bind address".into())),
                 };
-                let spec = MirrorSpec { target: SocketAddr::new(ip, port), bind, action, max_bps };
+                let freeze_limit = freeze_limit.unwrap_or(DEFAULT_FREEZE_LIMIT);
+                let spec =
+                    MirrorSpec { target: SocketAddr::new(ip, port), bind, action, max_bps, freeze_limit };
+                self.last_mirror_error = None;
                 let entry = self.conns.vacant_entry();
                 let token = Token(entry.key());
                 let id = ConnId { token, generation: self.core.next_generation() };
@@ -613,14 +629,9 @@ impl Server {
                 " migration_speed={speed} migration_duration={} migration_seconds_left={secs_left} migration_bytes_left={left}",
                 m.began.elapsed().as_secs()
             );
-            s += &format!(
-                " migration_retrying={} migration_failed_attempts={}",
-                m.retrying(),
-                m.failed_attempts()
-            );
-            if let Some(n) = m.spec.max_bps {
-                s += &format!(" migration_speed_limit={n}");
-            }
+            s += &m.status_fields();
+        } else if let Some(e) = &self.last_mirror_error {
+            s += e;
         }
         s
     }
@@ -676,20 +687,66 @@ impl Server {
                     self.close(w);
                 }
             }
-            Outcome::Refused(msg) => self.stop_mirror(&format!("1: {msg}")),
+            Outcome::GaveUp(msg) => {
+                self.last_mirror_error = self.running_mirror().map(Mirror::gave_up_fields);
+                self.stop_mirror(&format!("1: {msg}"));
+            }
             Outcome::HandedOver => {
                 let Some(Conn::Mirror(m)) = self.conns.get(t.0) else { return };
                 let action = m.spec.action;
                 info!("migration to {} complete", m.spec.target);
-                if action == MirrorAction::Unlink
-                    && let Err(e) = std::fs::remove_file(&self.file)
-                {
-                    warn!("cannot unlink {}: {e}", self.file.display());
+                if action == MirrorAction::Unlink {
+                    self.unlink_served_file();
                 }
                 // Set before stop_mirror: once handed over, clients must never run again here.
                 self.handed_over = action != MirrorAction::Nothing;
                 self.stop_mirror("0: migration complete");
+                if self.handed_over {
+                    self.hand_over_clients();
+                }
             }
+        }
+    }
+
+    /// `--unlink`: removes the path only if it still names the file we served (a file renamed
+    /// over it since belongs to someone else).
+    fn unlink_served_file(&self) {
+        let path = &self.file;
+        let ours = self.core.export.identity();
+        let now = std::fs::symlink_metadata(path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        match (ours, now) {
+            (Ok(a), Ok(b)) if a == b => match std::fs::remove_file(path) {
+                Ok(()) => info!("unlinked {}", path.display()),
+                Err(e) => warn!("cannot unlink {}: {e}", path.display()),
+            },
+            (Ok(_), Ok(_)) => {
+                warn!("not unlinking {}: the path now names another file than the one served", path.display())
+            }
+            (_, Err(e)) => warn!("not unlinking {}: {e}", path.display()),
+            (Err(e), _) => warn!("not unlinking {}: cannot identify the served file: {e}", path.display()),
+        }
+    }
+
+    /// After a handover: no new clients; each client's pending requests are answered with
+    /// ESHUTDOWN (none runs here any more), then the process exits once they are all closed
+    /// or HANDOVER_DRAIN has passed.
+    fn hand_over_clients(&mut self) {
+        self.shutdown_deadline = Some(Instant::now() + HANDOVER_DRAIN);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.core.registry.deregister(&mut l);
+        }
+        // Unfrozen only to be refused: `hand_over` makes every request an ESHUTDOWN.
+        self.core.frozen = false;
+        self.core.held = false;
+        let tokens: Vec<Token> = self.conns.iter().map(|(k, _)| Token(k)).collect();
+        for t in tokens {
+            if let Some(Conn::Client(c)) = self.conns.get_mut(t.0) {
+                c.hand_over();
+            }
+            self.step(t);
         }
     }
 
@@ -800,6 +857,12 @@ impl Server {
         let mut done = std::mem::take(&mut self.completions);
         for c in done.drain(..) {
             let id = c.job.conn;
+            if self.core.cfg.listen
+                && self.write_failure.is_none()
+                && let Some(e) = c.failed_write()
+            {
+                self.write_failure = Some(e.to_string());
+            }
             // Counted and mirrored whoever asked, even a client that has gone since.
             if let Some((off, len)) = c.modified_range() {
                 self.core.writes_in_flight -= 1;

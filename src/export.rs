@@ -102,6 +102,13 @@ impl Export {
         self.file.as_raw_fd()
     }
 
+    /// Device and inode of the open file, to tell whether a path still names it.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// The file, for sendfile.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

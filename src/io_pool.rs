@@ -82,6 +82,17 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The error of a job that failed to change the file (write, trim, zero, flush). A fast
+    /// zero refused with ENOTSUP is an answer, not a failure.
+    pub fn failed_write(&self) -> Option<&io::Error> {
+        let e = self.result.as_ref().err()?;
+        let refused_fast = matches!(self.job.op, Op::Zero { fast: true, .. })
+            && e.raw_os_error().is_some_and(|n| n == libc::ENOTSUP || n == libc::EOPNOTSUPP);
+        let modifying =
+            matches!(self.job.op, Op::Write { .. } | Op::Trim { .. } | Op::Zero { .. } | Op::Flush);
+        (modifying && !refused_fast).then_some(e)
+    }
+
     /// The file range a modifying job touched (even a failed one may have changed part of it).
     pub fn modified_range(&self) -> Option<(u64, u64)> {
         match self.job.op {

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use flexnbd::cli::{Cli, Command, LogOpts};
+use flexnbd::conn::control::{MirrorRequest, speed_slot};
 use flexnbd::error::Error;
 use flexnbd::event_loop::{self, ServeOptions};
 use flexnbd::log::{self as flog, Verbosity};
@@ -48,23 +49,20 @@ fn run(cli: Cli) -> Result<i32, Error> {
         }
         Command::MirrorSpeed(a) => {
             flog::init(verbosity(&a.log));
-            Ok(remote::print_reply(remote::control(&a.sock, "mirror_max_bps", &[a.max_bps.to_string()])?))
+            Ok(remote::print_reply(remote::control(&a.sock, "mirror_max_bps", &[speed_slot(a.max_bps)])?))
         }
         Command::Mirror(a) => {
             flog::init(verbosity(&a.log));
-            let action = if a.unlink { "unlink" } else { "exit" };
-            let mut args = vec![a.addr.clone(), a.port.to_string(), action.to_string()];
-            if a.bind.is_some() || a.max_bps.is_some() || a.wait {
-                // The request is positional: with no bind address, bind to the unspecified
-                // address (what not binding means) and send 0 for "no speed limit".
-                let unspecified = if a.addr.contains(':') { "::" } else { "0.0.0.0" };
-                args.push(a.bind.clone().unwrap_or_else(|| unspecified.to_string()));
-                args.push(a.max_bps.unwrap_or(0).to_string());
-            }
-            if a.wait {
-                args.push("wait".to_string());
-            }
-            remote::mirror_cmd(&a.sock, &args, a.wait)
+            let req = MirrorRequest {
+                addr: a.addr.clone(),
+                port: a.port,
+                unlink: a.unlink,
+                bind: a.bind.clone(),
+                max_bps: a.max_bps,
+                wait: a.wait,
+                freeze_limit: a.freeze_limit,
+            };
+            remote::mirror_cmd(&a.sock, &req.slots(), a.wait)
         }
         Command::Read(a) => {
             flog::init(verbosity(&a.log));

@@ -238,7 +238,7 @@ impl NbdClient {
         match tx::parse_reply_header(&h).map_err(|e| remote(format!("bad reply: {e}")))? {
             Some((ReplyHeader::Simple { error, cookie: c }, _)) if c == cookie => match error {
                 0 => Ok(()),
-                e => Err(remote(format!("server replied with error {e} ({})", errno_name(e)))),
+                e => Err(remote(format!("server replied with error {e} ({})", crate::proto::errno_name(e)))),
             },
             Some((h, _)) => Err(remote(format!("unexpected reply {h:?}"))),
             None => Err(remote("short reply")),
@@ -256,20 +256,6 @@ impl NbdClient {
 
     fn write_all(&mut self, b: &[u8]) -> Result<(), Error> {
         self.stream.write_all(b).map_err(io_ctx("sending to the server"))
-    }
-}
-
-fn errno_name(e: u32) -> &'static str {
-    match NbdErr::try_from(e) {
-        Ok(NbdErr::Perm) => "EPERM",
-        Ok(NbdErr::Io) => "EIO",
-        Ok(NbdErr::NoMem) => "ENOMEM",
-        Ok(NbdErr::Inval) => "EINVAL",
-        Ok(NbdErr::NoSpc) => "ENOSPC",
-        Ok(NbdErr::Overflow) => "EOVERFLOW",
-        Ok(NbdErr::NotSup) => "ENOTSUP",
-        Ok(NbdErr::Shutdown) => "ESHUTDOWN",
-        Err(_) => "unknown",
     }
 }
 

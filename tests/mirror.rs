@@ -11,209 +11,24 @@
 
 mod common;
 
+use common::migration::*;
 use common::*;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// Bound for one CLI invocation against a local server.
-const CLI_TIMEOUT: Duration = Duration::from_secs(20);
-/// Bound for a whole migration to finish once started.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(40);
 const BLOCK: u64 = 4 * KIB;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-/// Run `flexnbd ARGS...` (stdin empty), bounded.
-fn cli(args: &[&str]) -> ToolOutput {
-    let out = run_bounded(Command::new(flexnbd_bin()).args(args), CLI_TIMEOUT);
-    assert!(out.status.is_some(), "flexnbd {args:?} did not finish within {CLI_TIMEOUT:?}");
-    assert!(!out.stderr.contains("panicked"), "flexnbd {args:?} panicked:\n{}", out.stderr);
-    out
-}
-
-/// The source: `flexnbd serve -l 127.0.0.1 -p 0 -f FILE -v --sock SOCK`.
-fn serve(file: &Path, sock: &Path) -> Server {
-    Server::start(file, &["--sock", s(sock)])
-}
-
-fn listen_args(file: &Path, port: u16, sock: Option<&Path>, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> =
-        ["listen", "-l", "127.0.0.1", "-p", &port.to_string(), "-f", s(file), "-v"].map(String::from).into();
-    if let Some(sock) = sock {
-        args.push("--sock".into());
-        args.push(s(sock).into());
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
-}
-
-/// The destination: `flexnbd listen -l 127.0.0.1 -p 0 -f FILE -v [--sock SOCK] EXTRA...`.
-fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
-    let mut l = Server::spawn(&listen_args(file, 0, sock, extra));
-    l.wait_ready(IO_TIMEOUT);
-    l
-}
-
-/// Declares a raw connection a migration sender, the way our mirror does: FlexnbdSender with
-/// the migration's id, then FlexnbdMigrate; then GO.
-fn declare_sender(addr: SocketAddr, id: u64) -> Nbd {
-    const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
-    const OPT_FLEXNBD_SENDER: u32 = 0x4658_0002;
-    let mut n = Negotiation::start(addr).expect("sender: greeting");
-    let r = n.option(OPT_FLEXNBD_SENDER, &id.to_be_bytes()).expect("sender: id option");
-    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender id refused: {r:?}");
-    let r = n.option(OPT_FLEXNBD_MIGRATE, &[]).expect("sender: migrate option");
-    assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
-    n.go("", &[]).expect("sender: GO").0
-}
-
-/// A source alone (for refusals): its directory, file, control socket and process.
-fn source(tag: &str, size: u64, seed: u64) -> (TempDir, PathBuf, PathBuf, Server) {
-    let dir = TempDir::new(tag);
-    let (src_file, src_sock) = (dir.join("src.img"), dir.join("src.sock"));
-    make_random_file(&src_file, size, seed);
-    let src = serve(&src_file, &src_sock);
-    (dir, src_file, src_sock, src)
-}
-
-/// The usual start of a migration test: a source serving `size` random bytes (seeded) with a
-/// control socket, and an empty sparse destination of the same size listening for it.
-struct Pair {
-    /// Owns the files; removed when the test ends.
-    dir: TempDir,
-    src_file: PathBuf,
-    dst_file: PathBuf,
-    src_sock: PathBuf,
-    /// Given to the destination only by `pair_with_sockets`.
-    dst_sock: PathBuf,
-    src: Server,
-    dst: Server,
-}
-
-/// A `Pair` whose destination has no control socket and gets `dst_extra` on its command line.
-fn pair(tag: &str, size: u64, seed: u64, dst_extra: &[&str]) -> Pair {
-    start_pair(tag, size, seed, false, dst_extra)
-}
-
-/// A `Pair` whose destination has a control socket too.
-fn pair_with_sockets(tag: &str, size: u64, seed: u64) -> Pair {
-    start_pair(tag, size, seed, true, &[])
-}
-
-fn start_pair(tag: &str, size: u64, seed: u64, dst_has_sock: bool, dst_extra: &[&str]) -> Pair {
-    let dir = TempDir::new(tag);
-    let (src_file, dst_file) = (dir.join("src.img"), dir.join("dst.img"));
-    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
-    make_random_file(&src_file, size, seed);
-    make_sparse_file(&dst_file, size);
-    let src = serve(&src_file, &src_sock);
-    let dst = listen(&dst_file, dst_has_sock.then_some(dst_sock.as_path()), dst_extra);
-    Pair { dir, src_file, dst_file, src_sock, dst_sock, src, dst }
-}
-
-/// A destination on a given port, retried (bounded) while the port is still being released.
-fn listen_on_port(file: &Path, port: u16, sock: Option<&Path>) -> Server {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let mut l = Server::spawn(&listen_args(file, port, sock, &[]));
-        let until = Instant::now() + IO_TIMEOUT;
-        while Instant::now() < until {
-            if l.wait_for_line("listening on", Duration::from_millis(20)) {
-                assert_eq!(l.wait_ready(IO_TIMEOUT), port, "restarted listen is on another port");
-                return l;
-            }
-            if l.try_wait().is_some() {
-                break;
-            }
-        }
-        l.wait_timeout(Duration::from_secs(2));
-        last = l.stderr_text();
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!("could not restart listen on port {port} within 10 s; last stderr:\n{last}");
-}
-
-/// `flexnbd mirror -l 127.0.0.1 -p PORT -s SOCK EXTRA...`.
-fn mirror(sock: &Path, port: u16, extra: &[&str]) -> ToolOutput {
-    let port = port.to_string();
-    let mut args = vec!["mirror", "-l", "127.0.0.1", "-p", &port, "-s", s(sock)];
-    args.extend_from_slice(extra);
-    cli(&args)
-}
-
-/// `mirror` that must print "Migration started" and exit 0.
-fn start_mirror(sock: &Path, port: u16, extra: &[&str]) {
-    let out = mirror(sock, port, extra);
-    out.assert_success("flexnbd mirror");
-    assert!(
-        out.stdout.contains("Migration started"),
-        "flexnbd mirror should print `Migration started`, got stdout {:?} stderr {:?}",
-        out.stdout,
-        out.stderr
-    );
-}
-
-/// `flexnbd status -s SOCK` as key -> value.
-fn status(sock: &Path) -> HashMap<String, String> {
-    let out = cli(&["status", "-s", s(sock)]);
-    out.assert_success("flexnbd status");
-    out.stdout
-        .trim_end()
-        .split(' ')
-        .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect()
-}
-
-fn field<'a>(st: &'a HashMap<String, String>, key: &str) -> &'a str {
-    st.get(key).map(String::as_str).unwrap_or_else(|| panic!("status has no `{key}`: {st:?}"))
-}
-
-fn int_field(st: &HashMap<String, String>, key: &str) -> u64 {
-    let v = field(st, key);
-    v.parse().unwrap_or_else(|_| panic!("status `{key}={v}` is not a non-negative integer: {st:?}"))
-}
-
-/// Wait (bounded) for `process` to exit 0; panics with its stderr otherwise. The other
-/// server's stderr is printed too when its guard is dropped during the unwind.
-fn assert_exits_zero(process: &mut Server, what: &str, timeout: Duration) {
-    match process.wait_timeout(timeout) {
-        Some(st) if st.success() => {}
-        Some(st) => panic!("{what} exited with {}; stderr:\n{}", describe_status(st), process.stderr_text()),
-        None => panic!("{what} still running {timeout:?} later; stderr:\n{}", process.stderr_text()),
-    }
-}
-
-/// Wait for both ends of a migration to finish with status 0.
-fn assert_migration_completes(src: &mut Server, dst: &mut Server) {
-    assert_exits_zero(src, "source (serve) after the migration", MIGRATION_TIMEOUT);
-    assert_exits_zero(dst, "destination (listen) after the migration", Duration::from_secs(10));
-}
-
-/// A port on 127.0.0.1 with (very likely) nothing listening on it.
-fn unused_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("local_addr").port()
-}
-
-/// Connections the listener logged as accepted (`-v` logs `<id> <peer>: connected`).
-fn connections_logged(server: &Server) -> usize {
-    server.stderr_lines().iter().filter(|l| l.ends_with(": connected")).count()
-}
 
 /// A file of `len` bytes with random data in `regions` 1 MiB pieces at distinct MiB-aligned
 /// offsets, holes elsewhere.
@@ -300,6 +115,12 @@ fn writer(
                 log.acked.insert(off, seed);
                 log.writes_acked += 1;
                 acked_total.fetch_add(1, Ordering::SeqCst);
+            }
+            // The handover: a request the source read but will not run any more.
+            Ok(ESHUTDOWN) => {
+                log.history.push((off, seed, false));
+                log.end = format!("ESHUTDOWN for a write at {off}");
+                break;
             }
             Ok(e) => {
                 log.history.push((off, seed, false));
@@ -407,10 +228,25 @@ fn migrate_under_writers(tag: &str, spread: u64, mirror_extra: &[&str]) {
         );
         assert!(!l.timed_out, "writer {i} hung (no reply within {IO_TIMEOUT:?}): {}", l.end);
         assert!(
-            l.end.starts_with("connection ended"),
+            l.end.starts_with("connection ended") || l.end.starts_with("ESHUTDOWN"),
             "writer {i} did not see its connection end: {}",
             l.end
         );
+    }
+    // A write never acknowledged must not surface on either side (each block gets a new
+    // pattern each time, so finding it means the write ran).
+    for l in &logs {
+        for &(off, seed, acked) in &l.history {
+            if acked {
+                continue;
+            }
+            for f in [&src_file, &dst_file] {
+                assert!(
+                    read_at(f, off, BLOCK as usize) != pattern(seed),
+                    "unacknowledged write at {off} is in {f:?}"
+                );
+            }
+        }
     }
     assert!(acked_after > acked_before, "no write was acknowledged while the migration ran");
 
@@ -467,6 +303,9 @@ enum Cut {
     /// At the `n`th FLUSH request header: nothing from it on goes through, and the connection
     /// is shut once `release` is set (or the relay is dropped).
     AtFlush { n: usize, release: Arc<AtomicBool> },
+    /// At the `n`th FLUSH request header: nothing from it on goes through until `release` is
+    /// set; then everything does.
+    HoldFlush { n: usize, release: Arc<AtomicBool> },
 }
 
 /// A FLUSH request header's first 8 bytes: magic, no flags, type 3. Random payload bytes match
@@ -546,7 +385,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Option<Cut>, stop: Arc<Atom
             Err(_) => break,
         };
         let n = limit.map_or(n, |l| n.min((l - total) as usize));
-        if let Some(Cut::AtFlush { n: nth, release }) = &cut {
+        if let Some(Cut::AtFlush { n: nth, release } | Cut::HoldFlush { n: nth, release }) = &cut
+            && flushes < *nth
+        {
             // `tail` keeps the last 7 bytes already forwarded, so every match in it is new.
             let old = tail.len();
             tail.extend_from_slice(&buf[..n]);
@@ -567,7 +408,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Option<Cut>, stop: Arc<Atom
                 {
                     thread::sleep(Duration::from_millis(10));
                 }
-                break;
+                if !matches!(cut, Some(Cut::HoldFlush { .. })) || to.write_all(&tail[old.max(at)..]).is_err()
+                {
+                    break;
+                }
+                total += n as u64;
+                flushes = *nth;
+                continue;
             }
             flushes += starts.len();
             tail.drain(..tail.len().saturating_sub(FLUSH_HEADER.len() - 1));
@@ -617,6 +464,8 @@ fn reader(addr: SocketAddr, expected: Arc<Vec<u8>>, deadline: Instant) -> (u64, 
                 }
                 reads += 1;
             }
+            // The handover: the source refuses what it read but will not serve any more.
+            Ok(Err(ESHUTDOWN)) => break,
             Ok(Err(e)) => problems.push(format!("error reply {e} to a read at {off}")),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 problems.push(format!("read at {off} unanswered: {e}"));
@@ -695,35 +544,6 @@ fn destination_takes_a_write_arriving_at_the_in_flight_request_limit() {
     }
     assert_file_range(&dst_file, woff, &data, "the pipelined WRITE");
     dst.assert_alive("after a long pipeline");
-}
-
-/// Error replies from the destination (here a read-only one) fail the attempt after the hello:
-/// the source retries every second, keeps serving its clients, and stops on `break`.
-#[test]
-fn error_replies_from_the_destination_are_retried_until_break() {
-    const SIZE: u64 = 64 * MIB;
-    let Pair { dir: _dir, src_file, src_sock, mut src, mut dst, .. } =
-        pair("mirror-eperm", SIZE, 121, &["--read-only"]);
-    start_mirror(&src_sock, dst.port(), &[]);
-
-    let mut c = Nbd::connect(src.addr()).expect("connect to the source");
-    let until = Instant::now() + Duration::from_millis(3500);
-    while Instant::now() < until {
-        let got = c.read(5 * MIB, 65536).expect("read io").expect("read while the mirror retries");
-        assert_eq!(got, read_at(&src_file, 5 * MIB, 65536), "read while the mirror retries");
-        src.assert_alive("while its mirror attempts fail");
-        thread::sleep(Duration::from_millis(50));
-    }
-    let st = status(&src_sock);
-    assert_eq!(field(&st, "is_mirroring"), "true", "the source gave up on error replies: {st:?}");
-    let n = connections_logged(&dst);
-    assert!((2..=6).contains(&n), "{n} attempts in 3.5 s (expected a retry about every second)");
-    let out = cli(&["break", "-s", s(&src_sock)]);
-    out.assert_success("flexnbd break");
-    let st = status(&src_sock);
-    assert_eq!(field(&st, "is_mirroring"), "false", "after break: {st:?}");
-    dst.assert_alive("after the failed attempts");
-    assert_eq!(c.read(0, 4096).expect("read io").expect("read after break"), read_at(&src_file, 0, 4096));
 }
 
 #[test]
@@ -1409,4 +1229,117 @@ fn mirror_wait_fails_when_the_source_dies() {
     let (st, out, err) = finish_mirror_wait(&dir, "dies", &mut m, CLI_TIMEOUT);
     assert!(!st.success(), "mirror --wait must fail when the source dies: stdout {out:?} stderr {err:?}");
     assert!(err.contains("went away"), "mirror --wait stderr: {err:?}");
+}
+
+/// What a paced writer saw: acknowledged writes (offset -> pattern seed), the slowest reply,
+/// how it ended.
+#[derive(Default)]
+struct PacedLog {
+    acked: HashMap<u64, u64>,
+    slowest: Duration,
+    errors: Vec<(u64, u32)>,
+    end: String,
+}
+
+/// Writes a new 4 KiB pattern to one of the first 256 blocks every 10 ms until the connection
+/// ends, an error, `stop` or `deadline`.
+fn paced_writer(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    deadline: Instant,
+) -> PacedLog {
+    let mut log = PacedLog::default();
+    let mut c = match Nbd::connect(addr) {
+        Ok(c) => c,
+        Err(e) => {
+            log.end = format!("connect: {e}");
+            return log;
+        }
+    };
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        seq += 1;
+        let off = (seq % 256) * BLOCK;
+        let seed = (7 << 40) | seq;
+        let t = Instant::now();
+        let r = c.write(off, &pattern(seed), 0);
+        log.slowest = log.slowest.max(t.elapsed());
+        match r {
+            Ok(0) => {
+                log.acked.insert(off, seed);
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(ESHUTDOWN) => {
+                log.end = "ESHUTDOWN at the handover".into();
+                return log;
+            }
+            Ok(e) => log.errors.push((off, e)),
+            Err(e) => {
+                log.end = format!("connection ended: {e}");
+                return log;
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    log.end = "stopped".into();
+    log
+}
+
+/// A destination that hangs during the freeze (SIGSTOP) holds client writes only until the
+/// freeze limit: the attempt is abandoned, the held writes go on against the source without an
+/// error, and once the destination runs again a new attempt completes with every acknowledged
+/// write. The relay holds the final FLUSH so that the test can stop the destination while
+/// `status` shows the freeze.
+#[test]
+fn a_destination_stopped_during_the_freeze_holds_clients_only_until_the_freeze_limit() {
+    const FREEZE_LIMIT: Duration = Duration::from_secs(1);
+    let Pair { dir: _dir, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-sigstop", 8 * MIB, 151, &[]);
+    let release = Arc::new(AtomicBool::new(false));
+    let relay = Relay::start_full(dst.addr(), Cut::HoldFlush { n: 2, release: Arc::clone(&release) }, true);
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let deadline = Instant::now() + MIGRATION_TIMEOUT + Duration::from_secs(20);
+    let w = {
+        let (addr, stop, acked) = (src.addr(), Arc::clone(&stop), Arc::clone(&acked));
+        thread::spawn(move || paced_writer(addr, stop, acked, deadline))
+    };
+    start_mirror(&src_sock, relay.port, &["--freeze-limit", "1"]);
+    let st = wait_status(&src_sock, Duration::from_secs(20), |st| {
+        st.get("clients_allowed").is_some_and(|v| v == "false")
+    });
+    assert_eq!(field(&st, "clients_allowed"), "false", "no freeze seen: {st:?}\n{}", src.stderr_text());
+    dst.signal(libc::SIGSTOP);
+    release.store(true, Ordering::SeqCst);
+
+    let st = wait_status(&src_sock, Duration::from_secs(10), |st| {
+        st.get("migration_freezes_abandoned").is_some_and(|n| n != "0")
+    });
+    assert_eq!(field(&st, "migration_freezes_abandoned"), "1", "{st:?}\n{}", src.stderr_text());
+    assert_eq!(field(&st, "clients_allowed"), "true", "{st:?}");
+    let before = acked.load(Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(5);
+    while acked.load(Ordering::SeqCst) < before + 20 && Instant::now() < until {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        acked.load(Ordering::SeqCst) >= before + 20,
+        "writes did not go on after the freeze was abandoned"
+    );
+
+    dst.signal(libc::SIGCONT);
+    assert_migration_completes(&mut src, &mut dst);
+    stop.store(true, Ordering::SeqCst);
+    let log = w.join().expect("writer");
+    drop(relay);
+    assert!(log.errors.is_empty(), "writer got error replies: {:?}", log.errors);
+    assert!(
+        log.slowest <= FREEZE_LIMIT + Duration::from_secs(1),
+        "a client write waited {:?} (freeze limit {FREEZE_LIMIT:?}); writer ended: {}",
+        log.slowest,
+        log.end
+    );
+    for (&off, &seed) in &log.acked {
+        assert_file_range(&dst_file, off, &pattern(seed), "acknowledged write on the destination");
+    }
 }

@@ -138,6 +138,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     /// The server is shutting down: new requests get ESHUTDOWN, the connection closes once
     /// nothing is in flight.
     shutting_down: bool,
+    /// Set by `hand_over`.
+    handed_over: bool,
 }
 
 impl<S: Stream> ClientConn<S> {
@@ -171,6 +173,7 @@ impl<S: Stream> ClientConn<S> {
             wrote: false,
             disc: false,
             shutting_down: false,
+            handed_over: false,
         };
         let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
         if ctx.cfg.oldstyle {
@@ -196,6 +199,14 @@ impl<S: Stream> ClientConn<S> {
         if self.phase != Phase::Transmission {
             self.phase = Phase::Draining;
         }
+    }
+
+    /// The migration handed over: the destination serves from now on. Like a shutdown, but a
+    /// write whose payload is still arriving is refused too: nothing may change the file here
+    /// any more.
+    pub fn hand_over(&mut self) {
+        self.handed_over = true;
+        self.shut_down();
     }
 
     /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.
@@ -708,6 +719,10 @@ impl<S: Stream> ClientConn<S> {
             // in_flight was counted when the header arrived.
             self.in_flight -= 1;
             self.in_flight_bytes -= buf.len();
+            if self.handed_over {
+                ctx.bufs.give(buf);
+                return self.reply_error(req, NbdErr::Shutdown, "migrated away");
+            }
             if self.sender_only(ctx) {
                 // Its header came before a sender connected; the sender's data must not be
                 // overwritten now.

@@ -17,6 +17,7 @@ use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Longest line accepted (the original's limit).
 pub const MAX_LINE: usize = 256;
@@ -38,6 +39,8 @@ pub enum Command {
         /// Ours: after "Migration started", keep the session and send a second line when the
         /// migration ends (`mirror --wait`).
         wait: bool,
+        /// Ours: the longest freeze before an attempt is abandoned.
+        freeze_limit: Option<Duration>,
     },
     MirrorMaxBps(u64),
     /// Ours: reply only when the running migration ends (used by `mirror --wait`).
@@ -128,8 +131,10 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
             _ => Err(bad("mirror_max_bps takes one argument")),
         },
         "mirror" => {
-            if args.len() < 2 || args.len() > 6 {
-                return Err(bad("mirror takes addr, port, [action], [bind], [max_bps], [wait]"));
+            if args.len() < 2 || args.len() > 7 {
+                return Err(bad(
+                    "mirror takes addr, port, [action], [bind], [max_bps], then [wait] and [freeze_limit_ms=N]",
+                ));
             }
             let addr = args[0].clone();
             if addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err() {
@@ -150,17 +155,27 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                 Some(b) if b.parse::<std::net::IpAddr>().is_ok() => Some(b.to_string()),
                 Some(_) => return Err(bad("bad bind address")),
             };
-            // 0 (or nothing) means no limit, so a waiting client can fill the slot positionally.
+            // 0 or u64::MAX (or nothing) means no limit: our CLI fills the slot positionally with
+            // u64::MAX, which the original also reads as no limit.
             let max_bps = match args.get(4) {
                 None => None,
-                Some(n) => Some(n.parse::<u64>().map_err(|_| bad("bad speed limit"))?).filter(|&n| n > 0),
+                Some(n) => Some(n.parse::<u64>().map_err(|_| bad("bad speed limit"))?)
+                    .filter(|&n| n > 0 && n != u64::MAX),
             };
-            let wait = match args.get(5).map(String::as_str) {
-                None | Some("") => false,
-                Some("wait") => true,
-                Some(_) => return Err(bad("unknown mirror option")),
-            };
-            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait })
+            // Our own slots, after the original's five: each a word or key=value.
+            let (mut wait, mut freeze_limit) = (false, None);
+            for opt in args.iter().skip(5) {
+                match opt.split_once('=') {
+                    None if opt.is_empty() => {}
+                    None if opt == "wait" => wait = true,
+                    Some(("freeze_limit_ms", ms)) => match ms.parse::<u64>() {
+                        Ok(ms) if ms > 0 => freeze_limit = Some(Duration::from_millis(ms)),
+                        _ => return Err(bad("bad freeze limit")),
+                    },
+                    _ => return Err(bad("unknown mirror option")),
+                }
+            }
+            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit })
         }
         other => Err(RequestError::Unknown(other.chars().take(64).collect())),
     }
@@ -177,6 +192,55 @@ pub fn encode_request(cmd: &str, args: &[String]) -> Vec<u8> {
     }
     v.push(b'\n');
     v
+}
+
+/// A `mirror` request as our CLI sends it. The slots are positional and the original server
+/// reads every one it gets (a speed of 0 stalls it, an empty bind address is an error), so
+/// only slots the user set are sent, with placeholders that mean "not set" to both servers
+/// where a later slot needs an earlier one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorRequest {
+    pub addr: String,
+    pub port: u16,
+    pub unlink: bool,
+    pub bind: Option<String>,
+    /// 0 means no limit.
+    pub max_bps: Option<u64>,
+    pub wait: bool,
+    pub freeze_limit: Option<Duration>,
+}
+
+/// "No speed limit" in a speed slot: the original parses it as UINT64_MAX (its own default),
+/// we as no limit; 0 would stop the original's copy.
+pub const NO_LIMIT: u64 = u64::MAX;
+
+impl MirrorRequest {
+    pub fn slots(&self) -> Vec<String> {
+        let action = if self.unlink { "unlink" } else { "exit" };
+        let mut v = vec![self.addr.clone(), self.port.to_string(), action.to_string()];
+        let mut ours = Vec::new();
+        if self.wait {
+            ours.push("wait".to_string());
+        }
+        if let Some(f) = self.freeze_limit {
+            ours.push(format!("freeze_limit_ms={}", f.as_millis().max(1)));
+        }
+        if self.bind.is_some() || self.max_bps.is_some() || !ours.is_empty() {
+            // Binding to the unspecified address is what not binding means.
+            let unspecified = if self.addr.contains(':') { "::" } else { "0.0.0.0" };
+            v.push(self.bind.clone().unwrap_or_else(|| unspecified.to_string()));
+        }
+        if self.max_bps.is_some() || !ours.is_empty() {
+            v.push(speed_slot(self.max_bps.unwrap_or(0)));
+        }
+        v.extend(ours);
+        v
+    }
+}
+
+/// A speed limit as sent in a control request: 0 (no limit) becomes NO_LIMIT.
+pub fn speed_slot(bps: u64) -> String {
+    if bps == 0 { NO_LIMIT.to_string() } else { bps.to_string() }
 }
 
 /// The reply line, `<code>: <text>\n`.
@@ -426,8 +490,27 @@ mod tests {
                 bind: Some("127.0.0.2".into()),
                 max_bps: Some(5),
                 wait: false,
+                freeze_limit: None,
             })
         );
+        let full =
+            ["mirror", "::1", "4000", "exit", "::", "18446744073709551615", "wait", "freeze_limit_ms=500"];
+        assert_eq!(
+            parse_command(&lines(&full)),
+            Ok(Command::Mirror {
+                addr: "::1".into(),
+                port: 4000,
+                action: MirrorAction::Exit,
+                bind: Some("::".into()),
+                max_bps: None,
+                wait: true,
+                freeze_limit: Some(Duration::from_millis(500)),
+            })
+        );
+        for bad in ["freeze_limit_ms=0", "freeze_limit_ms=x", "later"] {
+            let req = lines(&["mirror", "::1", "4000", "exit", "::", "0", bad]);
+            assert!(matches!(parse_command(&req), Err(RequestError::BadArgs(_))), "{bad}");
+        }
         assert_eq!(
             parse_command(&lines(&["mirror", "nope", "4000"])),
             Err(RequestError::BadArgs("bad IP address".into()))
@@ -438,6 +521,32 @@ mod tests {
         );
         assert!(matches!(parse_command(&lines(&["frobnicate"])), Err(RequestError::Unknown(_))));
         assert_eq!(parse_command(&[]), Err(RequestError::Empty));
+    }
+
+    #[test]
+    fn mirror_requests_leave_out_what_was_not_set() {
+        let base = MirrorRequest { addr: "10.0.0.2".into(), port: 4000, ..Default::default() };
+        assert_eq!(base.slots(), lines(&["10.0.0.2", "4000", "exit"]));
+        let bind = MirrorRequest { bind: Some("10.0.0.1".into()), unlink: true, ..base.clone() };
+        assert_eq!(bind.slots(), lines(&["10.0.0.2", "4000", "unlink", "10.0.0.1"]));
+        let slow = MirrorRequest { max_bps: Some(5000), ..base.clone() };
+        assert_eq!(slow.slots(), lines(&["10.0.0.2", "4000", "exit", "0.0.0.0", "5000"]));
+        let unlimited = MirrorRequest { max_bps: Some(0), ..base.clone() };
+        assert_eq!(unlimited.slots()[4], u64::MAX.to_string());
+        let wait = MirrorRequest { addr: "::1".into(), wait: true, ..base.clone() };
+        assert_eq!(wait.slots(), lines(&["::1", "4000", "exit", "::", &u64::MAX.to_string(), "wait"]));
+        let freeze = MirrorRequest { freeze_limit: Some(Duration::from_millis(1500)), ..base };
+        assert_eq!(freeze.slots()[5], "freeze_limit_ms=1500");
+        // Whatever we send, our own parser reads back what was meant.
+        for req in [bind, slow, unlimited, wait, freeze] {
+            let mut all = vec!["mirror".to_string()];
+            all.extend(req.slots());
+            let Ok(Command::Mirror { max_bps, wait: w, freeze_limit, .. }) = parse_command(&all) else {
+                panic!("{all:?} did not parse");
+            };
+            assert_eq!(max_bps, req.max_bps.filter(|&n| n > 0), "{all:?}");
+            assert_eq!((w, freeze_limit), (req.wait, req.freeze_limit), "{all:?}");
+        }
     }
 
     #[test]

@@ -14,8 +14,18 @@
 //! | Final       | everything acknowledged                 | Flushing (FLUSH sent)          |
 //! | Flushing    | FLUSH acknowledged                      | Closing (DISC sent)            |
 //! | Closing     | DISC written                            | handed over                    |
-//! | any         | failure before the first hello          | refused (reported, no retry)   |
-//! | any         | failure after a hello                   | Backoff -> Connecting          |
+//! | Frozen..Closing | freeze deadline passed              | Backoff (clients released)     |
+//! | any         | failure before the first hello          | given up (reported, no retry)  |
+//! | any         | size mismatch, read-only destination    | given up                       |
+//! | any         | same destination error, REFUSAL_LIMIT attempts in a row | given up       |
+//! | any         | other failure after a hello             | Backoff -> Connecting          |
+//!
+//! Only what the destination advertises is sent: holes go as WRITE_ZEROES where it offers
+//! them and as zero-filled WRITEs elsewhere (the original flexnbd offers neither WRITE_ZEROES
+//! nor TRIM); without SEND_FLUSH there are no checkpoints and no final FLUSH.
+//!
+//! Bytes read before an EOF are parsed before the EOF is acted on: a hello followed at once by
+//! a close is a failure after the hello (retried), not a rejection.
 //!
 //! Resuming: a flexnbd destination answers our migrate option (preceded by one carrying
 //! `sender`, the same for every attempt) with a resume token (`Lineage` on its side: it changes when the file may
@@ -73,6 +83,12 @@ const MAX_PASSES: u32 = 16;
 const FREEZE_BUDGET: Duration = Duration::from_millis(20);
 /// A remainder this small is frozen for whatever the rate.
 const FREEZE_ALWAYS: u64 = 256 * 1024;
+/// Attempts in a row that end with the same error reply before the migration gives up: a
+/// destination that refuses a command every time will not change its mind by itself.
+const REFUSAL_LIMIT: u32 = 3;
+/// How long clients may be held by a freeze before the attempt is abandoned (guests commonly
+/// time out I/O after 30 s; the original's 60 s request limit was too long for a freeze).
+pub const DEFAULT_FREEZE_LIMIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct MirrorSpec {
@@ -80,6 +96,8 @@ pub struct MirrorSpec {
     pub bind: Option<SocketAddr>,
     pub action: MirrorAction,
     pub max_bps: Option<u64>,
+    /// Longest freeze before the attempt is abandoned and clients go on against the source.
+    pub freeze_limit: Duration,
 }
 
 /// What the reactor must do after a mirror event.
@@ -88,10 +106,112 @@ pub enum Outcome {
     None,
     /// First valid hello from the destination: tell the `mirror` client.
     Started,
-    /// Failed before any hello: report and give up (the original's texts).
-    Refused(&'static str),
+    /// Given up: failed before any hello (the original's texts) or for good (a permanent
+    /// refusal). The text goes to whoever waits on the migration.
+    GaveUp(String),
     /// All data is on the destination, flushed, and the connection closed cleanly.
     HandedOver,
+}
+
+/// Why an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    Connect(String),
+    /// Closed, or a hello with the wrong magic, before any hello: turned away (by an ACL, say).
+    Rejected(String),
+    NoHello,
+    SizeMismatch {
+        ours: u64,
+        theirs: u64,
+    },
+    ReadOnly,
+    /// The destination answered with an error: `what` names the command and the error
+    /// (`WRITE:ENOSPC`), the same text for the same refusal.
+    Refused {
+        what: String,
+        detail: String,
+    },
+    Closed,
+    Io(String),
+    Protocol(String),
+    RequestTimeout,
+    FreezeDeadline(Duration),
+    SourceRead(String),
+}
+
+impl Failure {
+    /// The short reason shown in status (no spaces).
+    fn token(&self) -> &'static str {
+        match self {
+            Failure::Connect(_) => "connect_failed",
+            Failure::Rejected(_) => "rejected",
+            Failure::NoHello => "no_hello",
+            Failure::SizeMismatch { .. } => "size_mismatch",
+            Failure::ReadOnly => "read_only",
+            Failure::Refused { .. } => "destination_error",
+            Failure::Closed => "closed_by_destination",
+            Failure::Io(_) => "connection_error",
+            Failure::Protocol(_) => "protocol_error",
+            Failure::RequestTimeout => "request_timeout",
+            Failure::FreezeDeadline(_) => "freeze_deadline",
+            Failure::SourceRead(_) => "source_read_error",
+        }
+    }
+
+    /// What `mirror` is told when this ends the migration before any hello (the original's
+    /// texts) or for good.
+    fn message(&self) -> String {
+        match self {
+            Failure::Connect(_) | Failure::Io(_) | Failure::SourceRead(_) => {
+                "Mirror failed to connect".into()
+            }
+            Failure::Rejected(_) | Failure::Closed => "Mirror was rejected".into(),
+            Failure::NoHello
+            | Failure::Protocol(_)
+            | Failure::RequestTimeout
+            | Failure::FreezeDeadline(_) => "Remote server failed to respond".into(),
+            Failure::SizeMismatch { .. } => "Remote size does not match local size".into(),
+            Failure::ReadOnly => "Destination is read-only".into(),
+            Failure::Refused { what, .. } => format!("Destination refused {what}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(d) => write!(f, "connect: {d}"),
+            Failure::Rejected(d) => write!(f, "turned away before a hello: {d}"),
+            Failure::NoHello => write!(f, "no hello in time"),
+            Failure::SizeMismatch { ours, theirs } => {
+                write!(f, "destination size {theirs} differs from ours ({ours})")
+            }
+            Failure::ReadOnly => write!(f, "the destination's export is read-only"),
+            Failure::Refused { detail, .. } => write!(f, "{detail}"),
+            Failure::Closed => write!(f, "destination closed the connection"),
+            Failure::Io(d) => write!(f, "connection: {d}"),
+            Failure::Protocol(d) => write!(f, "protocol error: {d}"),
+            Failure::RequestTimeout => write!(f, "request unanswered for too long"),
+            Failure::FreezeDeadline(d) => {
+                write!(f, "final pass not acknowledged within the freeze limit ({d:?})")
+            }
+            Failure::SourceRead(d) => write!(f, "reading the source: {d}"),
+        }
+    }
+}
+
+impl From<ParseError> for Failure {
+    fn from(e: ParseError) -> Failure {
+        Failure::Protocol(e.to_string())
+    }
+}
+
+/// A request on its way to the destination, kept to name it if it is refused.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    cmd: Cmd,
+    offset: u64,
+    len: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,9 +241,28 @@ pub struct Mirror {
     bufs: BufPool,
     write_blocked: bool,
     /// A destination has answered with a valid hello at least once: failures now retry.
+    hello_seen: bool,
+    /// "Migration started" has been reported (sizes matched once).
     started: bool,
-    /// Attempts that failed after `started` (each is retried).
+    /// Attempts that failed after a hello (each is retried).
     failed_attempts: u32,
+    /// Why the last attempt failed, for status.
+    last_failure: Option<&'static str>,
+    /// A failure seen together with the peer's last bytes, acted on at the next tick.
+    pending_failure: Option<Failure>,
+    /// The destination's last error reply (`WRITE:ENOSPC`), how many attempts in a row ended
+    /// with that same one, and how many error replies came in all.
+    refusal: Option<String>,
+    refusal_streak: u32,
+    /// The refusal the streak counts.
+    streak_of: Option<String>,
+    dest_errors: u64,
+    /// Freezes that ran past `spec.freeze_limit` and were abandoned.
+    freezes_abandoned: u32,
+    /// Transmission flags of the destination in this attempt.
+    dest_flags: u16,
+    /// The destination refused a FLUSH it advertised (see `flush_unsupported`).
+    flush_refused: bool,
     /// The destination's size from NBD_INFO_EXPORT, until GO is acknowledged.
     remote_size: Option<u64>,
     /// Resume token the destination offered in this attempt's negotiation.
@@ -151,7 +290,7 @@ pub struct Mirror {
     /// `core.requests` when last looked at, and until when clients count as busy.
     seen_requests: u64,
     busy_until: Option<Instant>,
-    inflight: HashMap<u64, u64>,
+    inflight: HashMap<u64, Sent>,
     inflight_bytes: u64,
     next_cookie: u64,
     flush_cookie: Option<u64>,
@@ -186,8 +325,18 @@ impl Mirror {
             out: OutQueue::default(),
             bufs: BufPool::of_lengths(&[CHUNK as usize, CHUNK_BUSY as usize], MAX_IN_FLIGHT as usize),
             write_blocked: false,
+            hello_seen: false,
             started: false,
             failed_attempts: 0,
+            last_failure: None,
+            pending_failure: None,
+            refusal: None,
+            refusal_streak: 0,
+            streak_of: None,
+            dest_errors: 0,
+            freezes_abandoned: 0,
+            dest_flags: 0,
+            flush_refused: false,
             remote_size: None,
             offered_instance: None,
             plain_target: false,
@@ -223,11 +372,15 @@ impl Mirror {
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        let throttle = self.throttle_until();
-        match (self.deadline, throttle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        if self.pending_failure.is_some() {
+            return Some(Instant::now());
         }
+        [self.deadline, self.throttle_until(), self.freeze_deadline()].into_iter().flatten().min()
+    }
+
+    /// When the current freeze is abandoned, while one is on.
+    fn freeze_deadline(&self) -> Option<Instant> {
+        self.freeze_started.map(|f| f + self.spec.freeze_limit)
     }
 
     /// Bytes still to send: the rest of this pass plus everything dirtied since.
@@ -272,8 +425,42 @@ impl Mirror {
             && matches!(self.state, State::Backoff | State::Connecting | State::Hello | State::Negotiating)
     }
 
+    /// 0 and u64::MAX (what our CLI sends to mean "no limit", since the original takes 0
+    /// literally) both lift the limit.
     pub fn set_max_bps(&mut self, n: u64) {
-        self.spec.max_bps = if n == 0 { None } else { Some(n) };
+        self.spec.max_bps = (n != 0 && n != u64::MAX).then_some(n);
+    }
+
+    /// The migration's own status keys (after the common ones), `key=value` with no spaces.
+    pub fn status_fields(&self) -> String {
+        let mut s = format!(
+            " migration_retrying={} migration_failed_attempts={} migration_freezes_abandoned={} \
+             migration_destination_errors={} migration_freeze_limit_ms={}",
+            self.retrying(),
+            self.failed_attempts,
+            self.freezes_abandoned,
+            self.dest_errors,
+            self.spec.freeze_limit.as_millis()
+        );
+        if let Some(n) = self.spec.max_bps {
+            s += &format!(" migration_speed_limit={n}");
+        }
+        if let Some(why) = self.last_failure {
+            s += &format!(" migration_last_failure={why}");
+        }
+        if let Some(r) = &self.refusal {
+            s += &format!(" migration_error={r}");
+        }
+        s
+    }
+
+    /// Status keys kept after the migration gave up: why, and the destination's last refusal.
+    pub fn gave_up_fields(&self) -> String {
+        let mut s = format!(" migration_gave_up={}", self.last_failure.unwrap_or("unknown"));
+        if let Some(r) = &self.refusal {
+            s += &format!(" migration_error={r}");
+        }
+        s
     }
 
     /// Which migration this is, as told to destinations.
@@ -314,12 +501,12 @@ impl Mirror {
         self.write_blocked = false;
         let mut s = match crate::net::connect(self.spec.target, self.spec.bind, true) {
             Ok(s) => TcpStream::from_std(s),
-            Err(e) => return self.fail(core, "Mirror failed to connect", &format!("connect: {e}")),
+            Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
         };
         let _ = s.set_nodelay(true);
         if let Err(e) = core.registry.register(&mut s, self.id.token, Interest::READABLE | Interest::WRITABLE)
         {
-            return self.fail(core, "Mirror failed to connect", &format!("register: {e}"));
+            return self.fail(core, Failure::Connect(format!("register: {e}")));
         }
         self.registered = Some(Interest::READABLE | Interest::WRITABLE);
         self.stream = Some(s);
@@ -329,8 +516,12 @@ impl Mirror {
         Outcome::None
     }
 
-    /// Timers: connect/hello deadlines, request time limit, retry back-off, throttle.
+    /// Timers: connect/hello deadlines, freeze deadline, request time limit, retry back-off,
+    /// throttle; and a failure that arrived with the peer's last bytes.
     pub fn tick(&mut self, core: &mut Core) -> Outcome {
+        if let Some(f) = self.pending_failure.take() {
+            return self.fail(core, f);
+        }
         let now = Instant::now();
         if let Some(d) = self.deadline
             && now >= d
@@ -338,14 +529,18 @@ impl Mirror {
             self.deadline = None;
             return match self.state {
                 State::Backoff => self.connect(core),
-                State::Connecting => self.fail(core, "Mirror failed to connect", "connect timed out"),
-                _ => self.fail(core, "Remote server failed to respond", "no hello in time"),
+                State::Connecting => self.fail(core, Failure::Connect("connect timed out".into())),
+                _ => self.fail(core, Failure::NoHello),
             };
+        }
+        if self.freeze_deadline().is_some_and(|d| now >= d) {
+            self.freezes_abandoned = self.freezes_abandoned.saturating_add(1);
+            return self.fail(core, Failure::FreezeDeadline(self.spec.freeze_limit));
         }
         let waiting =
             !self.inflight.is_empty() || self.checkpoint_cookie.is_some() || self.flush_cookie.is_some();
         if waiting && now.duration_since(self.last_reply) > self.request_limit {
-            return self.fail(core, "Remote server failed to respond", "request unanswered for too long");
+            return self.fail(core, Failure::RequestTimeout);
         }
         self.pump(core)
     }
@@ -354,7 +549,7 @@ impl Mirror {
         if self.state == State::Connecting && (writable || readable) {
             let Some(s) = self.stream.as_ref() else { return Outcome::None };
             match s.take_error() {
-                Ok(Some(e)) | Err(e) => return self.fail(core, "Mirror failed to connect", &e.to_string()),
+                Ok(Some(e)) | Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
                 Ok(None) => {}
             }
             match s.peer_addr() {
@@ -364,7 +559,7 @@ impl Mirror {
                     crate::event_loop::set_keepalive(std::os::unix::io::AsRawFd::as_raw_fd(s));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return Outcome::None,
-                Err(e) => return self.fail(core, "Mirror failed to connect", &e.to_string()),
+                Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
             }
         }
         if writable {
@@ -379,7 +574,7 @@ impl Mirror {
 
     fn after_io(&mut self, core: &mut Core) -> Outcome {
         if let Err(e) = self.write_out() {
-            return self.fail(core, "Mirror failed to connect", &format!("send: {e}"));
+            return self.fail(core, Failure::Io(format!("send: {e}")));
         }
         if self.state == State::Closing && self.out.is_empty() {
             if let Some(s) = self.stream.as_ref() {
@@ -400,7 +595,7 @@ impl Mirror {
             && self.registered != Some(want)
         {
             if let Err(e) = core.registry.reregister(s, self.id.token, want) {
-                return self.fail(core, "Mirror failed to connect", &e.to_string());
+                return self.fail(core, Failure::Io(e.to_string()));
             }
             self.registered = Some(want);
         }
@@ -412,47 +607,69 @@ impl Mirror {
             return Outcome::None;
         }
         let mut chunk = [0u8; 16 * 1024];
+        let mut end = None;
         loop {
             let Some(s) = self.stream.as_mut() else { return Outcome::None };
             match s.read(&mut chunk) {
                 Ok(0) => {
-                    let why = if self.state == State::Hello {
-                        "Mirror was rejected"
-                    } else {
-                        "Mirror failed to connect"
-                    };
-                    return self.fail(core, why, "destination closed the connection");
+                    end = Some(Failure::Closed);
+                    break;
                 }
                 Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let why = if self.state == State::Hello {
-                        "Mirror was rejected"
-                    } else {
-                        "Mirror failed to connect"
-                    };
-                    return self.fail(core, why, &e.to_string());
+                    end = Some(Failure::Io(e.to_string()));
+                    break;
                 }
             }
         }
-        match self.parse(core) {
+        // The peer's last bytes come before its EOF: a hello, a reply, an error reply.
+        let outcome = match self.parse(core) {
             Ok(o) => o,
-            Err(e) => self.fail(core, "Remote server failed to respond", &format!("protocol error: {e}")),
+            Err(f) => return self.fail(core, f),
+        };
+        match end {
+            None => outcome,
+            Some(f) if !self.hello_seen && self.state == State::Hello => {
+                let why = match f {
+                    Failure::Closed => "closed before a hello".to_string(),
+                    other => other.to_string(),
+                };
+                self.fail(core, Failure::Rejected(why))
+            }
+            Some(f) if outcome == Outcome::None => self.fail(core, f),
+            // Report what the bytes said (say "started") now, the end at the next tick.
+            Some(f) => {
+                self.pending_failure = Some(f);
+                outcome
+            }
         }
     }
 
-    fn parse(&mut self, core: &mut Core) -> Result<Outcome, ParseError> {
+    fn parse(&mut self, core: &mut Core) -> Result<Outcome, Failure> {
         let mut pos = 0;
         let mut outcome = Outcome::None;
         loop {
             let rest = &self.rbuf[pos..];
             match self.state {
                 State::Hello => {
-                    let Some((g, used)) = hs::parse_greeting(rest)? else { break };
+                    let greeting = match hs::parse_greeting(rest) {
+                        Ok(g) => g,
+                        // Not an NBD server (or not one that wants us): the original's "rejected".
+                        Err(e) if !self.hello_seen => return Err(Failure::Rejected(e.to_string())),
+                        Err(e) => return Err(e.into()),
+                    };
+                    let Some((g, used)) = greeting else { break };
                     pos += used;
+                    self.hello_seen = true;
                     match g {
-                        Greeting::Oldstyle { size, .. } => outcome = self.begin_copy(core, size),
+                        Greeting::Oldstyle { size, flags } => {
+                            // The low 16 bits are the transmission flags (0x000d from the original).
+                            let tf = (flags & 0xffff) as u16;
+                            let tf = if tf & TF_HAS_FLAGS != 0 { tf } else { 0 };
+                            outcome = self.begin_copy(core, size, tf)?;
+                        }
                         Greeting::Newstyle { flags } => self.negotiate(flags),
                     }
                 }
@@ -478,15 +695,25 @@ impl Mirror {
                     }
                     pos += used;
                     if opt == OptCode::Go as u32 {
-                        if let Some((size, _)) = info {
+                        if let Some((size, flags)) = info {
                             self.remote_size = Some(size);
+                            self.dest_flags = flags;
                         } else if rep == RepType::Ack as u32 {
                             let Some(size) = self.remote_size else {
-                                return Err(ParseError::Malformed("GO acknowledged without the export size"));
+                                return Err(Failure::Protocol(
+                                    "GO acknowledged without the export size".into(),
+                                ));
                             };
-                            outcome = self.begin_copy(core, size);
+                            outcome = self.begin_copy(core, size, self.dest_flags)?;
                         } else if rep & REP_FLAG_ERROR != 0 {
-                            return Err(ParseError::Malformed("destination refused the export"));
+                            self.dest_errors += 1;
+                            let name = rep_error_name(rep);
+                            return Err(Failure::Refused {
+                                what: format!("GO:{name}"),
+                                detail: format!(
+                                    "destination refused the export (NBD_OPT_GO answered {name})"
+                                ),
+                            });
                         }
                     }
                     // Replies to our migration option: ACK from a flexnbd listener, an error
@@ -495,12 +722,24 @@ impl Mirror {
                 State::Copying | State::Checkpoint | State::Frozen | State::Final | State::Flushing => {
                     let Some((h, used)) = tx::parse_reply_header(rest)? else { break };
                     let ReplyHeader::Simple { error, cookie } = h else {
-                        return Err(ParseError::Malformed("structured reply we did not ask for"));
+                        return Err(Failure::Protocol("structured reply we did not ask for".into()));
                     };
                     pos += used;
                     self.last_reply = Instant::now();
+                    let flush = self.checkpoint_cookie == Some(cookie) || self.flush_cookie == Some(cookie);
+                    if error != 0 && flush && self.flush_unsupported(error) {
+                        // Taken as "FLUSH not offered": a checkpoint is skipped, the final FLUSH
+                        // goes straight on to the goodbye.
+                        if self.checkpoint_cookie.take().is_some() {
+                            self.state = State::Copying;
+                            continue;
+                        }
+                        self.flush_cookie = None;
+                        self.send_disc();
+                        break;
+                    }
                     if error != 0 {
-                        return Err(ParseError::Malformed("destination replied with an error"));
+                        return Err(self.refused(cookie, error));
                     }
                     if self.checkpoint_cookie == Some(cookie) {
                         // Everything sent so far is on the destination; what is not is in the
@@ -514,13 +753,11 @@ impl Mirror {
                     }
                     if self.flush_cookie == Some(cookie) {
                         self.flush_cookie = None;
-                        let disc = Request { flags: 0, kind: Cmd::Disc as u16, cookie: 0, offset: 0, len: 0 };
-                        self.out.push(disc.encode().to_vec());
-                        self.state = State::Closing;
+                        self.send_disc();
                         break;
                     }
-                    let Some(len) = self.inflight.remove(&cookie) else {
-                        return Err(ParseError::Malformed("reply to a request we did not send"));
+                    let Some(Sent { len, .. }) = self.inflight.remove(&cookie) else {
+                        return Err(Failure::Protocol("reply to a request we did not send".into()));
                     };
                     self.inflight_bytes -= len;
                     self.bytes_sent += len;
@@ -539,6 +776,53 @@ impl Mirror {
         Ok(outcome)
     }
 
+    /// An error reply: names the command it answers, counts it and keeps it for status.
+    fn refused(&mut self, cookie: u64, error: u32) -> Failure {
+        self.dest_errors += 1;
+        let errno = crate::proto::errno_name(error);
+        let (what, detail) = match self.inflight.get(&cookie) {
+            Some(r) => (
+                format!("{}:{errno}", r.cmd.name()),
+                format!(
+                    "destination answered {} at offset {} length {} with {errno} ({error})",
+                    r.cmd.name(),
+                    r.offset,
+                    r.len
+                ),
+            ),
+            None if self.flush_cookie == Some(cookie) || self.checkpoint_cookie == Some(cookie) => {
+                (format!("FLUSH:{errno}"), format!("destination answered FLUSH with {errno} ({error})"))
+            }
+            None => {
+                (format!("UNKNOWN:{errno}"), format!("destination answered an unknown request with {errno}"))
+            }
+        };
+        self.refusal = Some(what.clone());
+        Failure::Refused { what, detail }
+    }
+
+    fn can(&self, flag: u16) -> bool {
+        self.dest_flags & flag != 0 && !(flag == TF_SEND_FLUSH && self.flush_refused)
+    }
+
+    /// A FLUSH refused as unknown or unsupported by a destination that advertised it (nbdkit
+    /// 1.32 does this in oldstyle mode): from now on this migration sends none to it.
+    fn flush_unsupported(&mut self, error: u32) -> bool {
+        if error != NbdErr::Inval as u32 && error != NbdErr::NotSup as u32 {
+            return false;
+        }
+        self.dest_errors += 1;
+        if !std::mem::replace(&mut self.flush_refused, true) {
+            warn!(
+                "mirror {}: destination advertises FLUSH but refused it ({}); going on without FLUSH, \
+                 so the handover does not wait for its data to be durable",
+                self.id,
+                crate::proto::errno_name(error)
+            );
+        }
+        true
+    }
+
     fn negotiate(&mut self, server_flags: u16) {
         let mut cflags = CLIENT_FIXED_NEWSTYLE;
         if server_flags & FLAG_NO_ZEROES != 0 {
@@ -552,17 +836,30 @@ impl Mirror {
         hs::encode_option(&mut b, OptCode::Go as u32, &go);
         self.out.push(b);
         self.remote_size = None;
+        self.dest_flags = 0;
         self.offered_instance = None;
         self.state = State::Negotiating;
     }
 
-    fn begin_copy(&mut self, core: &mut Core, remote_size: u64) -> Outcome {
+    fn begin_copy(&mut self, core: &mut Core, remote_size: u64, flags: u16) -> Result<Outcome, Failure> {
         let size = core.export.size();
         if remote_size != size {
-            warn!("mirror {}: destination size {remote_size} differs from ours ({size})", self.id);
-            self.started = false;
-            return self.fail(core, "Remote size does not match local size", "size mismatch");
+            return Err(Failure::SizeMismatch { ours: size, theirs: remote_size });
         }
+        self.dest_flags = flags;
+        if self.can(TF_READ_ONLY) {
+            return Err(Failure::ReadOnly);
+        }
+        info!(
+            "mirror {}: destination flags {flags:#06x}: holes sent as {}, {}",
+            self.id,
+            if self.can(TF_SEND_WRITE_ZEROES) { "WRITE_ZEROES" } else { "zero-filled WRITEs" },
+            if self.can(TF_SEND_FLUSH) {
+                "FLUSH at checkpoints and before the handover"
+            } else {
+                "no FLUSH offered: no checkpoints, handover without a final FLUSH"
+            }
+        );
         self.deadline = None;
         self.state = State::Copying;
         self.last_pass_dirty = u64::MAX;
@@ -600,7 +897,7 @@ impl Mirror {
         }
         let first = !self.started;
         self.started = true;
-        if first { Outcome::Started } else { Outcome::None }
+        Ok(if first { Outcome::Started } else { Outcome::None })
     }
 
     fn throttle_until(&self) -> Option<Instant> {
@@ -657,11 +954,16 @@ impl Mirror {
                 return Outcome::None;
             }
             if self.state == State::Final {
-                self.flush_cookie = Some(self.send_flush());
-                self.state = State::Flushing;
+                if self.can(TF_SEND_FLUSH) {
+                    self.flush_cookie = Some(self.send_flush());
+                    self.state = State::Flushing;
+                } else {
+                    // Everything is acknowledged, and the destination offers nothing more.
+                    self.send_disc();
+                }
                 return self.after_io(core);
             }
-            if !self.pass_checkpointed {
+            if !self.pass_checkpointed && self.can(TF_SEND_FLUSH) {
                 // Make this pass's data safe on the destination before going on, so a cut
                 // connection can resume from here.
                 self.pass_checkpointed = true;
@@ -709,6 +1011,13 @@ impl Mirror {
         }
     }
 
+    /// Queues the goodbye; the handover happens once it is on the wire.
+    fn send_disc(&mut self) {
+        let disc = Request { flags: 0, kind: Cmd::Disc as u16, cookie: 0, offset: 0, len: 0 };
+        self.out.push(disc.encode().to_vec());
+        self.state = State::Closing;
+    }
+
     /// Queues a FLUSH and returns its cookie.
     fn send_flush(&mut self) -> u64 {
         let cookie = self.cookie();
@@ -730,9 +1039,7 @@ impl Mirror {
         self.read_bytes -= len as u64;
         let extents = match result {
             Ok(e) => e,
-            Err(e) => {
-                return self.fail(core, "Mirror failed to connect", &format!("reading the source: {e}"));
-            }
+            Err(e) => return self.fail(core, Failure::SourceRead(e.to_string())),
         };
         let mut buf = Some(job.buf);
         let whole = matches!(extents.as_slice(), [(l, 0)] if *l as usize == len);
@@ -741,7 +1048,10 @@ impl Mirror {
             let elen = elen as usize;
             let cookie = self.cookie();
             let hole = flags & STATE_HOLE != 0;
-            let kind = if hole { Cmd::WriteZeroes } else { Cmd::Write };
+            // Without WRITE_ZEROES a hole is written as zeros (a sparse destination such as
+            // ours punches them out again).
+            let zero_cmd = hole && self.can(TF_SEND_WRITE_ZEROES);
+            let kind = if zero_cmd { Cmd::WriteZeroes } else { Cmd::Write };
             let req = Request {
                 flags: 0,
                 kind: kind as u16,
@@ -750,13 +1060,17 @@ impl Mirror {
                 len: elen as u32,
             };
             self.out.push(req.encode().to_vec());
-            if whole {
+            if hole {
+                if !zero_cmd {
+                    self.out.push(vec![0; elen]);
+                }
+            } else if whole {
                 // One data run: send the read buffer itself, no copy on the reactor.
                 self.out.push(buf.take().unwrap_or_default());
-            } else if !hole && let Some(b) = buf.as_ref() {
+            } else if let Some(b) = buf.as_ref() {
                 self.out.push(b[pos..pos + elen].to_vec());
             }
-            self.inflight.insert(cookie, elen as u64);
+            self.inflight.insert(cookie, Sent { cmd: kind, offset: req.offset, len: elen as u64 });
             self.inflight_bytes += elen as u64;
             pos += elen;
         }
@@ -770,8 +1084,9 @@ impl Mirror {
         self.pump(core)
     }
 
-    /// Before the first hello: give up with the original's message. After: retry from scratch.
-    fn fail(&mut self, core: &mut Core, first_msg: &'static str, detail: &str) -> Outcome {
+    /// Ends the attempt. Before any hello, or for a failure that will not go away, the
+    /// migration gives up (the original's texts); otherwise it retries after RETRY_DELAY.
+    fn fail(&mut self, core: &mut Core, f: Failure) -> Outcome {
         self.teardown(&core.registry);
         // Reads still in the pool must not be taken for this session's any more.
         self.id.generation = core.next_generation();
@@ -781,14 +1096,40 @@ impl Mirror {
         self.read_bytes = 0;
         self.flush_cookie = None;
         self.pass_map = None;
+        self.pending_failure = None;
         core.frozen = false;
         self.freeze_started = None;
-        if !self.started {
-            warn!("mirror {}: {first_msg} ({detail})", self.id);
-            return Outcome::Refused(first_msg);
+        self.last_failure = Some(f.token());
+        match &f {
+            Failure::Refused { what, .. } if self.streak_of.as_ref() == Some(what) => {
+                self.refusal_streak += 1
+            }
+            Failure::Refused { what, .. } => {
+                self.refusal_streak = 1;
+                self.streak_of = Some(what.clone());
+            }
+            // Something else happened in between (a listen that exited, a new one not up yet):
+            // the next refusal starts a new count.
+            _ => {
+                self.refusal_streak = 0;
+                self.streak_of = None;
+            }
+        }
+        let permanent = match f {
+            Failure::SizeMismatch { .. } | Failure::ReadOnly => true,
+            Failure::Refused { .. } => self.refusal_streak >= REFUSAL_LIMIT,
+            _ => false,
+        };
+        if permanent || !self.hello_seen {
+            let mut msg = f.message();
+            if let Failure::Refused { .. } = f {
+                msg += &format!(" on {} attempts in a row", self.refusal_streak);
+            }
+            warn!("mirror {}: {msg} ({f}); giving up", self.id);
+            return Outcome::GaveUp(msg);
         }
         self.failed_attempts = self.failed_attempts.saturating_add(1);
-        warn!("mirror {}: attempt failed ({detail}); retrying in {RETRY_DELAY:?}", self.id);
+        warn!("mirror {}: attempt failed ({f}); retrying in {RETRY_DELAY:?}", self.id);
         self.checkpoint_cookie = None;
         let origin = self.pass_origin.take();
         match (self.checkpointed, origin, core.dirty.as_mut()) {
@@ -816,5 +1157,21 @@ impl Mirror {
             self.write_blocked = self.out.write_to(s, Some(&mut self.bufs), None)?;
         }
         Ok(())
+    }
+}
+
+/// The spec's name of an option error reply, for logs and status.
+fn rep_error_name(rep: u32) -> String {
+    match RepType::try_from(rep) {
+        Ok(RepType::ErrUnsup) => "ERR_UNSUP".into(),
+        Ok(RepType::ErrPolicy) => "ERR_POLICY".into(),
+        Ok(RepType::ErrInvalid) => "ERR_INVALID".into(),
+        Ok(RepType::ErrPlatform) => "ERR_PLATFORM".into(),
+        Ok(RepType::ErrTlsReqd) => "ERR_TLS_REQD".into(),
+        Ok(RepType::ErrUnknown) => "ERR_UNKNOWN".into(),
+        Ok(RepType::ErrShutdown) => "ERR_SHUTDOWN".into(),
+        Ok(RepType::ErrBlockSizeReqd) => "ERR_BLOCK_SIZE_REQD".into(),
+        Ok(RepType::ErrTooBig) => "ERR_TOO_BIG".into(),
+        _ => format!("{rep:#x}"),
     }
 }

@@ -187,3 +187,36 @@ pub(crate) fn be64(b: &[u8]) -> u64 {
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
 }
+
+impl Cmd {
+    /// The spec's name without its NBD_CMD_ prefix, for logs and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cmd::Read => "READ",
+            Cmd::Write => "WRITE",
+            Cmd::Disc => "DISC",
+            Cmd::Flush => "FLUSH",
+            Cmd::Trim => "TRIM",
+            Cmd::Cache => "CACHE",
+            Cmd::WriteZeroes => "WRITE_ZEROES",
+            Cmd::BlockStatus => "BLOCK_STATUS",
+        }
+    }
+}
+
+/// The errno name of an NBD error value, for logs and status ("E?" plus the number when the
+/// spec does not name it).
+pub fn errno_name(e: u32) -> String {
+    let name = match NbdErr::try_from(e) {
+        Ok(NbdErr::Perm) => "EPERM",
+        Ok(NbdErr::Io) => "EIO",
+        Ok(NbdErr::NoMem) => "ENOMEM",
+        Ok(NbdErr::Inval) => "EINVAL",
+        Ok(NbdErr::NoSpc) => "ENOSPC",
+        Ok(NbdErr::Overflow) => "EOVERFLOW",
+        Ok(NbdErr::NotSup) => "ENOTSUP",
+        Ok(NbdErr::Shutdown) => "ESHUTDOWN",
+        Err(n) => return format!("E{n}"),
+    };
+    name.to_string()
+}

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};

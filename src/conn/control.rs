@@ -132,11 +132,15 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                 return Err(bad("mirror takes addr, port, [action], [bind], [max_bps], [wait]"));
             }
             let addr = args[0].clone();
-            if addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err() {
+            // Ours: `unix:PATH` (port ignored) for a destination on a Unix socket.
+            let unix = addr.starts_with(crate::net::UNIX_PREFIX);
+            if !unix
+                && addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
+            {
                 return Err(bad("bad IP address"));
             }
             let port = match args[1].parse::<u16>() {
-                Ok(p) if p > 0 => p,
+                Ok(p) if p > 0 || unix => p,
                 _ => return Err(bad("bad IP port number")),
             };
             let action = match args.get(2).map(String::as_str) {

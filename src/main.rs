@@ -43,8 +43,14 @@ fn main() -> ExitCode {
 /// prints them.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
+    match e.kind() {
+        // clap would name a subcommand's version `flexnbd-serve`: one program, one version.
+        ErrorKind::DisplayVersion => {
+            println!("flexnbd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelp => e.exit(),
+        _ => {}
     }
     let text = e.render().to_string();
     let text = text.strip_prefix("error: ").unwrap_or(&text);

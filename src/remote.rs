@@ -328,6 +328,11 @@ pub fn read_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>)
 /// short input writes nothing.
 pub fn write_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>) -> Result<(), Error> {
     check_limits(from, size)?;
+    // A bad address is a command-line error: say so before waiting on stdin.
+    crate::listener::resolve_all(addr, port)?;
+    if let Some(b) = bind {
+        crate::listener::resolve(b, 0)?;
+    }
     let mut data = Vec::with_capacity(size as usize);
     io::stdin().lock().take(size).read_to_end(&mut data).map_err(io_ctx("cannot read stdin"))?;
     if (data.len() as u64) < size {

@@ -25,8 +25,8 @@ fn unit(name: &str) -> String {
 fn unit_value(text: &str, key: &str) -> String {
     let prefix = format!("{key}=");
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix(&prefix))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("no {key}= in unit:\n{text}"))
         .to_string()
 }

@@ -133,7 +133,7 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
             }
             let addr = args[0].clone();
             // Ours: `unix:PATH` (port ignored) for a destination on a Unix socket.
-            let unix = addr.starts_with(crate::net::UNIX_PREFIX);
+            let unix = addr.strip_prefix(crate::net::UNIX_PREFIX).is_some_and(|p| !p.is_empty());
             if !unix
                 && addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
             {
@@ -442,6 +442,19 @@ mod tests {
         );
         assert!(matches!(parse_command(&lines(&["frobnicate"])), Err(RequestError::Unknown(_))));
         assert_eq!(parse_command(&[]), Err(RequestError::Empty));
+    }
+
+    #[test]
+    fn mirror_to_a_unix_socket_takes_a_path_and_port_0() {
+        let m = parse_command(&lines(&["mirror", "unix:/run/d.sock", "0"]));
+        assert!(
+            matches!(m, Ok(Command::Mirror { ref addr, port: 0, .. }) if addr == "unix:/run/d.sock"),
+            "{m:?}"
+        );
+        assert_eq!(
+            parse_command(&lines(&["mirror", "unix:", "0"])),
+            Err(RequestError::BadArgs("bad IP address".into()))
+        );
     }
 
     #[test]

@@ -632,7 +632,9 @@ impl Server {
             std::process::id(),
             self.core.export.size(),
             self.mirror.is_some(),
-            self.listener.is_some() && !self.core.frozen && self.core.acl.allows_any(),
+            // The ACL does not restrict a Unix socket's clients.
+            self.listener.as_ref().is_some_and(|l| l.is_unix() || self.core.acl.allows_any())
+                && !self.core.frozen,
             self.core.num_clients,
             !self.core.cfg.listen,
         );

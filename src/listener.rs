@@ -76,6 +76,10 @@ impl Listener {
         }
     }
 
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Listener::Unix { .. })
+    }
+
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),

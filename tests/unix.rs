@@ -118,8 +118,16 @@ fn acl_entries_do_not_apply_to_unix_clients() {
     let file = dir.join("disk.img");
     make_sparse_file(&file, MIB);
     let sock = dir.join("nbd.sock");
-    let _server = start_unix("serve", &sock, &file, &["--default-deny", "192.0.2.1"]);
+    let ctl = dir.join("ctl.sock");
+    let _server = start_unix("serve", &sock, &file, &["--default-deny", "192.0.2.1", "-s", s(&ctl)]);
     nbdinfo_size(&uri(&sock)).assert_success("a Unix client with an ACL that names only 192.0.2.1");
+    // Even an empty default-deny ACL leaves the Unix socket open, and status says so.
+    let acl = run_bounded(Command::new(flexnbd_bin()).args(["acl", "-s", s(&ctl)]), IO_TIMEOUT);
+    acl.assert_success("acl with no entries");
+    nbdinfo_size(&uri(&sock)).assert_success("a Unix client with an empty default-deny ACL");
+    let st = run_bounded(Command::new(flexnbd_bin()).args(["status", "-s", s(&ctl)]), IO_TIMEOUT);
+    st.assert_success("status");
+    assert!(st.stdout.contains("clients_allowed=true"), "status: {}", st.stdout);
 }
 
 #[test]

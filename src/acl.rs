@@ -9,12 +9,37 @@ pub struct Entry {
     prefix: u8,
 }
 
+/// An entry that is not an ACL entry: the text as given, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadEntry(pub String);
+pub struct BadEntry(pub String, pub Why);
+
+/// What is wrong with a bad entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    NotAnAddress,
+    /// Empty, signed, or not decimal digits.
+    PrefixNotANumber,
+    PrefixTooLong {
+        max: u8,
+    },
+}
 
 impl fmt::Display for BadEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "bad ACL entry: {}", self.0)
+        let e = &self.0;
+        match self.1 {
+            Why::NotAnAddress => write!(f, "bad ACL entry {e:?}: not an IPv4 or IPv6 address"),
+            Why::PrefixNotANumber => {
+                write!(f, "bad ACL entry {e:?}: the prefix length after / must be a decimal number")
+            }
+            Why::PrefixTooLong { max } => {
+                let fam = if max == 32 { "IPv4" } else { "IPv6" };
+                write!(
+                    f,
+                    "bad ACL entry {e:?}: the prefix length is over {max}, the most an {fam} address has"
+                )
+            }
+        }
     }
 }
 
@@ -23,22 +48,21 @@ impl std::error::Error for BadEntry {}
 impl Entry {
     /// `IP` or `IP/prefix`, prefix at most 32 (IPv4) or 128 (IPv6).
     pub fn parse(s: &str) -> Result<Entry, BadEntry> {
-        let bad = || BadEntry(s.to_string());
+        let bad = |why| BadEntry(s.to_string(), why);
         let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => {
-                // Only plain decimal digits: "+8" or " 8" are not prefixes an operator meant.
-                if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(bad());
-                }
-                (ip, Some(p.parse::<u8>().map_err(|_| bad())?))
+            // Only plain decimal digits: "+8" or " 8" are not prefixes an operator meant.
+            Some((_, p)) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(bad(Why::PrefixNotANumber));
             }
+            // Past three digits it is too long whatever it says (and u8 would overflow).
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().unwrap_or(u8::MAX))),
             None => (s, None),
         };
-        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let addr: IpAddr = ip.parse().map_err(|_| bad(Why::NotAnAddress))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
         if prefix > max {
-            return Err(bad());
+            return Err(bad(Why::PrefixTooLong { max }));
         }
         // Peers are matched in canonical form (mapped addresses as IPv4), so entries are too.
         if let IpAddr::V6(v6) = addr
@@ -129,10 +153,22 @@ mod tests {
         for good in ["127.0.0.1", "10.0.0.0/8", "0.0.0.0/0", "::1", "fe80::/10", "::/0", "1.2.3.4/32"] {
             assert!(Entry::parse(good).is_ok(), "{good}");
         }
-        for bad in
-            ["", "300.1.2.3", "10.0.0.0/33", "::1/129", "1.2.3.4/", "1.2.3.4/+8", "x", "1.2.3.4/8/8", "/8"]
-        {
-            assert_eq!(Entry::parse(bad), Err(BadEntry(bad.to_string())), "{bad}");
+        let v4_long = Why::PrefixTooLong { max: 32 };
+        for (bad, why) in [
+            ("", Why::NotAnAddress),
+            ("300.1.2.3", Why::NotAnAddress),
+            ("10.0.0.0/33", v4_long),
+            ("10.0.0.0/0033", v4_long),
+            ("10.0.0.0/99999999999", v4_long),
+            ("::1/129", Why::PrefixTooLong { max: 128 }),
+            ("1.2.3.4/", Why::PrefixNotANumber),
+            ("1.2.3.4/+8", Why::PrefixNotANumber),
+            ("x", Why::NotAnAddress),
+            ("x/8", Why::NotAnAddress),
+            ("1.2.3.4/8/8", Why::PrefixNotANumber),
+            ("/8", Why::NotAnAddress),
+        ] {
+            assert_eq!(Entry::parse(bad), Err(BadEntry(bad.to_string(), why)), "{bad}");
         }
     }
 
@@ -163,6 +199,18 @@ mod tests {
 
     #[test]
     fn one_bad_entry_fails_all() {
-        assert_eq!(Acl::parse(&["127.0.0.1", "nope"], false), Err(BadEntry("nope".into())));
+        assert_eq!(
+            Acl::parse(&["127.0.0.1", "nope"], false),
+            Err(BadEntry("nope".into(), Why::NotAnAddress))
+        );
+    }
+
+    #[test]
+    fn errors_say_why() {
+        let msg = |s| Entry::parse(s).unwrap_err().to_string();
+        assert!(msg("10.0.0.0/33").contains("over 32"), "{}", msg("10.0.0.0/33"));
+        assert!(msg("::/200").contains("over 128"), "{}", msg("::/200"));
+        assert!(msg("example.com").contains("not an IPv4 or IPv6 address"));
+        assert!(msg("1.2.3.4/x").contains("decimal number"));
     }
 }

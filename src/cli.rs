@@ -1,5 +1,5 @@
 //! Command-line grammar: the original flexnbd manual's commands and options (long and short),
-//! plus our additions (`--oldstyle`, `--read-only`, `--workers`, `--multi-conn`,
+//! plus our additions (`--oldstyle`, `--read-only`, `--workers`, `--multi-conn`, `--unix`,
 //! `mirror --wait/--max-bps`, `mirror-speed`).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -53,12 +53,18 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address to listen on (IPv4 or IPv6)
-    #[arg(short = 'l', long = "addr", value_name = "ADDR")]
-    pub addr: String,
+    /// Address to listen on (IPv4, IPv6 or a host name)
+    #[arg(short = 'l', long = "addr", value_name = "ADDR", requires = "port", conflicts_with = "unix")]
+    pub addr: Option<String>,
     /// TCP port to listen on (0 picks a free one, logged at I level)
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
-    pub port: u16,
+    #[arg(short = 'p', long = "port", value_name = "PORT", requires = "addr", conflicts_with = "unix")]
+    pub port: Option<u16>,
+    /// Listen on a Unix socket at PATH instead of TCP (ACL entries do not apply to it)
+    #[arg(short = 'U', long = "unix", value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// File mode of the --unix socket, in octal
+    #[arg(long = "unix-mode", value_name = "MODE", requires = "unix", value_parser = parse_mode)]
+    pub unix_mode: Option<u32>,
     /// The file to serve; it must already exist
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: PathBuf,
@@ -116,12 +122,27 @@ impl MultiConn {
 
 #[derive(Args, Debug, Clone)]
 pub struct MirrorArgs {
-    /// Address of the destination server
-    #[arg(short = 'l', long = "addr", value_name = "ADDR")]
-    pub addr: String,
+    /// Address of the destination server (IPv4, IPv6 or a host name)
+    #[arg(
+        short = 'l',
+        long = "addr",
+        value_name = "ADDR",
+        required_unless_present = "unix",
+        conflicts_with = "unix"
+    )]
+    pub addr: Option<String>,
     /// Port of the destination server
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
-    pub port: u16,
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "PORT",
+        required_unless_present = "unix",
+        conflicts_with = "unix"
+    )]
+    pub port: Option<u16>,
+    /// Unix socket of a destination on this host (`listen --unix`), instead of --addr/--port
+    #[arg(short = 'U', long = "unix", value_name = "PATH", conflicts_with = "bind")]
+    pub unix: Option<PathBuf>,
     /// Control socket of the local (source) server
     #[arg(short = 's', long = "sock", value_name = "SOCK")]
     pub sock: PathBuf,
@@ -190,7 +211,7 @@ pub struct AclArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RemoteIoArgs {
-    /// Address of the NBD server
+    /// Address of the NBD server (IPv4, IPv6 or a host name)
     #[arg(short = 'l', long = "addr", value_name = "ADDR")]
     pub addr: String,
     /// Port of the NBD server
@@ -209,9 +230,26 @@ pub struct RemoteIoArgs {
     pub log: LogOpts,
 }
 
+/// An octal file mode such as 600 or 0660.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Ok(m),
+        _ => Err("expected an octal file mode from 0 to 777, such as 600 or 0660".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_modes_are_octal() {
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        for bad in ["", "8", "1000", "+600", "rw"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn multi_conn_auto_follows_the_cpu_count_and_on_off_override_it() {

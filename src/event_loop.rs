@@ -14,16 +14,18 @@ use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
 use crate::io_pool::{Completion, IoPool};
+use crate::listener::{Endpoint, Listener, Peer, Socket};
+use crate::net::Target;
 use crate::remote;
+use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
 use crate::{fatal, signals};
 use log::{debug, info, warn};
-use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,10 +45,11 @@ const SPIN: Duration = Duration::from_micros(50);
 /// (a 1 GiB nbdcopy write faulted 5,500 times, about 9 us each on the benchmark VM). Long
 /// enough for a script's next command, short enough that an idle server is soon small again.
 const POOL_LINGER: Duration = Duration::from_secs(5);
+/// How often the service manager hears how a migration is going (STATUS=).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 pub struct ServeOptions {
-    pub addr: String,
-    pub port: u16,
+    pub endpoint: Endpoint,
     pub file: PathBuf,
     pub sock: Option<PathBuf>,
     pub default_deny: bool,
@@ -59,7 +62,7 @@ pub struct ServeOptions {
 }
 
 pub enum Conn {
-    Client(ClientConn),
+    Client(ClientConn<Socket>),
     Control(ControlConn),
     Mirror(Box<Mirror>),
 }
@@ -120,7 +123,7 @@ impl Core {
 
 pub struct Server {
     poll: Poll,
-    listener: Option<TcpListener>,
+    listener: Option<Listener>,
     control: Option<ControlListener>,
     signals: signals::SignalFd,
     conns: Slab<Conn>,
@@ -143,12 +146,16 @@ pub struct Server {
     pause_until: Option<Instant>,
     /// When the request buffers go back to the system, if no client has come by then.
     release_bufs_at: Option<Instant>,
+    /// The service manager (systemd), told when we are ready, how a migration goes, and when
+    /// we stop; `status_at` is when it next hears about a running migration.
+    notify: Notifier,
+    status_at: Option<Instant>,
+    idle_status: String,
 }
 
 impl Server {
     pub fn new(o: ServeOptions) -> Result<Server, Error> {
         let acl = Acl::parse(&o.acl, o.default_deny)?;
-        let addr = resolve(&o.addr, o.port)?;
         let export = Arc::new(Export::open(&o.file, o.read_only)?);
         raise_nofile_limit();
         // Signals are blocked before any thread starts, so only the signalfd ever sees them.
@@ -156,12 +163,8 @@ impl Server {
             .map_err(|e| Error::Setup { what: "cannot set up signal handling", source: e })?;
         let setup = |what| move |e| Error::Setup { what, source: e };
         let poll = Poll::new().map_err(setup("cannot create poll"))?;
-        let mut listener =
-            TcpListener::bind(addr).map_err(|e| Error::Listen { addr: addr.to_string(), source: e })?;
-        let local = listener.local_addr().map_err(setup("cannot read listening address"))?;
-        // mio listens with a small backlog; a connection storm should queue, not be dropped.
-        // SAFETY: listen() again on our own listening socket only changes its backlog.
-        unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) };
+        let mut listener = Listener::bind(o.endpoint)?;
+        let local = listener.describe().map_err(setup("cannot read listening address"))?;
         let control = match &o.sock {
             Some(p) => Some(ControlListener::bind(p)?),
             None => None,
@@ -181,6 +184,11 @@ impl Server {
         let pool =
             IoPool::new(o.workers, export.clone(), waker).map_err(setup("cannot start disk workers"))?;
         info!("listening on {local}, serving {} ({} bytes)", o.file.display(), export.size());
+        let idle_status = if o.listen {
+            format!("waiting for a migration into {} on {local}", o.file.display())
+        } else {
+            format!("serving {} on {local}", o.file.display())
+        };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let multi_conn = o.multi_conn.advertise(cpus);
         if !multi_conn && o.multi_conn == MultiConn::Auto {
@@ -236,6 +244,9 @@ impl Server {
             batching: Batching::new(Instant::now()),
             pause_until: None,
             release_bufs_at: None,
+            notify: Notifier::from_env(),
+            status_at: None,
+            idle_status,
         })
     }
 
@@ -243,6 +254,7 @@ impl Server {
     /// migration. Returns the process exit status.
     pub fn run(mut self) -> Result<i32, Error> {
         let mut events = Events::with_capacity(1024);
+        self.notify.ready(&self.idle_status);
         let status = loop {
             if let Some(until) = self.pause_until.take() {
                 while Instant::now() < until {
@@ -298,6 +310,7 @@ impl Server {
                 break 1;
             }
             self.mirror_tick();
+            self.notify_progress();
             self.release_held();
             self.run_pending();
             self.replace_sender();
@@ -349,8 +362,12 @@ impl Server {
         if self.shutdown_deadline.is_some() || self.accept_paused_until.is_some() {
             t = Some(ACCEPT_BACKOFF);
         }
-        let deadlines =
-            self.running_mirror().and_then(|m| m.deadline()).into_iter().chain(self.release_bufs_at);
+        let deadlines = self
+            .running_mirror()
+            .and_then(|m| m.deadline())
+            .into_iter()
+            .chain(self.release_bufs_at)
+            .chain(self.status_at);
         for d in deadlines {
             let left = d.saturating_duration_since(Instant::now());
             t = Some(t.map_or(left, |t| t.min(left)));
@@ -360,6 +377,7 @@ impl Server {
 
     /// Flush the file, remove the control socket, stop the workers.
     fn finish(&mut self) {
+        self.notify.stopping("exiting");
         for (_, c) in self.conns.iter_mut() {
             if let Conn::Client(c) = c {
                 c.deregister(&self.core.registry);
@@ -410,14 +428,17 @@ impl Server {
                 info!("refused {peer}: migration handover in progress");
                 continue;
             }
-            if !self.core.acl.admits(peer.ip()) {
+            // ACL entries are IP addresses: a Unix socket's clients are who its file mode lets in.
+            if peer.ip().is_some_and(|ip| !self.core.acl.admits(ip)) {
                 info!("refused {peer}: not in the access control list");
                 continue;
             }
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!("{peer}: cannot set TCP_NODELAY: {e}");
+            if stream.is_tcp() {
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!("{peer}: cannot set TCP_NODELAY: {e}");
+                }
+                tune_client_socket(stream.as_raw_fd());
             }
-            tune_client_socket(stream.as_raw_fd());
             let entry = self.conns.vacant_entry();
             let token = Token(entry.key());
             if token.0 >= token::FIRST_RESERVED {
@@ -458,8 +479,9 @@ impl Server {
     /// Whether an accepted connection is the running mirror's own, by both its ends (a local
     /// port may be reused towards another destination, so one end alone proves nothing; and a
     /// dual-stack listener sees IPv4 peers as IPv4-mapped IPv6).
-    fn is_own_mirror(&self, stream: &mio::net::TcpStream, peer: SocketAddr) -> bool {
+    fn is_own_mirror(&self, stream: &Socket, peer: Peer) -> bool {
         let Some(m) = self.running_mirror() else { return false };
+        let Peer::Tcp(peer) = peer else { return false };
         let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         match (m.local_addr(), m.peer_addr(), stream.local_addr()) {
             (Some(ml), Some(mp), Ok(ours)) => canon(ml) == canon(peer) && canon(mp) == canon(ours),
@@ -585,15 +607,23 @@ impl Server {
                 (1, "cannot mirror from a listen server".into())
             }
             Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit } => {
-                let Ok(ip) = remote::parse_ip(&addr) else { return Some((1, "bad IP address".into())) };
+                let Some(target) = Target::parse(&addr, port) else {
+                    return Some((1, "bad IP address".into()));
+                };
                 let bind = match bind.as_deref().map(remote::parse_ip) {
                     None => None,
-                    Some(Ok(b)) => Some(SocketAddr::new(b, 0)),
                     Some(Err(_)) => return Some((1, "bad bind address".into())),
+                    // The unspecified address fills the slot when nothing is bound.
+                    Some(Ok(b)) if matches!(target, Target::Unix(_)) => {
+                        if !b.is_unspecified() {
+                            return Some((1, "a bind address does not apply to a Unix socket".into()));
+                        }
+                        None
+                    }
+                    Some(Ok(b)) => Some(SocketAddr::new(b, 0)),
                 };
                 let freeze_limit = freeze_limit.unwrap_or(DEFAULT_FREEZE_LIMIT);
-                let spec =
-                    MirrorSpec { target: SocketAddr::new(ip, port), bind, action, max_bps, freeze_limit };
+                let spec = MirrorSpec { target, bind, action, max_bps, freeze_limit };
                 self.last_mirror_error = None;
                 let entry = self.conns.vacant_entry();
                 let token = Token(entry.key());
@@ -617,7 +647,9 @@ impl Server {
             std::process::id(),
             self.core.export.size(),
             self.mirror.is_some(),
-            self.listener.is_some() && !self.core.frozen && self.core.acl.allows_any(),
+            // The ACL does not restrict a Unix socket's clients.
+            self.listener.as_ref().is_some_and(|l| l.is_unix() || self.core.acl.allows_any())
+                && !self.core.frozen,
             self.core.num_clients,
             !self.core.cfg.listen,
         );
@@ -649,6 +681,34 @@ impl Server {
             Some(Conn::Mirror(m)) => Some(m),
             _ => None,
         }
+    }
+
+    /// Tells the service manager how a running migration goes, once every STATUS_EVERY, and
+    /// when it has ended.
+    fn notify_progress(&mut self) {
+        if !self.notify.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        if self.status_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let line = match self.running_mirror() {
+            Some(m) => {
+                let size = self.core.export.size();
+                let left = m.bytes_left(&self.core).min(size);
+                let done = if size > 0 { 100.0 * (size - left) as f64 / size as f64 } else { 100.0 };
+                let retry = if m.retrying() { ", retrying" } else { "" };
+                format!(
+                    "migrating to {}: {done:.1}% done, {left} bytes left at {} B/s{retry}",
+                    m.spec.target,
+                    m.speed()
+                )
+            }
+            None => self.idle_status.clone(),
+        };
+        self.status_at = self.mirror.is_some().then(|| now + STATUS_EVERY);
+        self.notify.status(&line);
     }
 
     fn mirror_tick(&mut self) {
@@ -806,7 +866,7 @@ impl Server {
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if !self.core.acl.admits(c.peer.ip()) => Some(Token(k)),
+                Conn::Client(c) if c.peer.ip().is_some_and(|ip| !self.core.acl.admits(ip)) => Some(Token(k)),
                 _ => None,
             })
             .collect();
@@ -930,6 +990,7 @@ impl Server {
     }
 
     fn begin_shutdown(&mut self) {
+        self.notify.stopping("finishing in-flight requests before exiting");
         self.shutdown_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
         if let Some(mut l) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut l);
@@ -942,19 +1003,6 @@ impl Server {
             self.step(t);
         }
     }
-}
-
-fn resolve(addr: &str, port: u16) -> Result<SocketAddr, Error> {
-    // Accept IPv6 literals with or without brackets.
-    let host = addr.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| Error::BadAddress(addr.to_string()))
 }
 
 /// An integer socket option; failures are left to the caller's defaults (an option a socket

@@ -1,9 +1,55 @@
-//! Outbound TCP sockets with an optional local bind address (needed behind a remote ACL),
-//! blocking (CLI clients) or non-blocking (the mirror on the reactor).
+//! Outbound sockets: TCP with an optional local bind address (needed behind a remote ACL),
+//! blocking (CLI clients) or non-blocking (the mirror on the reactor), and the mirror's Unix
+//! socket destinations.
 
+use crate::listener::Socket;
+use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::io::FromRawFd;
+use std::path::PathBuf;
+
+/// Where a migration goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    /// A destination on this host listening on a Unix socket (`listen --unix`).
+    Unix(PathBuf),
+}
+
+/// The prefix that marks a Unix socket path in the control socket's `mirror` request, where an
+/// address goes: the original flexnbd answers such a request with "bad IP address".
+pub const UNIX_PREFIX: &str = "unix:";
+
+impl Target {
+    /// The `mirror` request's address and port lines: an IP address and a port, or
+    /// `unix:PATH` and a port that is ignored.
+    pub fn parse(addr: &str, port: u16) -> Option<Target> {
+        if let Some(p) = addr.strip_prefix(UNIX_PREFIX) {
+            return (!p.is_empty()).then(|| Target::Unix(PathBuf::from(p)));
+        }
+        let ip = addr.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        (port > 0).then_some(Target::Tcp(SocketAddr::new(ip, port)))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp(a) => write!(f, "{a}"),
+            Target::Unix(p) => write!(f, "{UNIX_PREFIX}{}", p.display()),
+        }
+    }
+}
+
+/// Starts a non-blocking connect to `target` for the reactor; it is done once the socket is
+/// writable and `Socket::connected` says so. `bind` applies to TCP only.
+pub fn connect_nonblocking(target: &Target, bind: Option<SocketAddr>) -> io::Result<Socket> {
+    match target {
+        Target::Tcp(a) => Ok(Socket::Tcp(mio::net::TcpStream::from_std(connect(*a, bind, true)?))),
+        Target::Unix(p) => Ok(Socket::Unix(mio::net::UnixStream::connect(p)?)),
+    }
+}
 
 /// Creates a socket, binds it to `bind` (port 0) if given, and connects to `target`. With
 /// `nonblocking`, the connect is only started (EINPROGRESS is success) and the caller waits
@@ -71,5 +117,21 @@ fn sockaddr(a: &SocketAddr) -> (i32, libc::sockaddr_storage, libc::socklen_t) {
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
             (libc::AF_INET6, ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_targets_from_the_request_lines() {
+        assert_eq!(Target::parse("127.0.0.1", 5), Some(Target::Tcp("127.0.0.1:5".parse().unwrap())));
+        assert_eq!(Target::parse("[::1]", 5), Some(Target::Tcp("[::1]:5".parse().unwrap())));
+        assert_eq!(Target::parse("127.0.0.1", 0), None);
+        assert_eq!(Target::parse("localhost", 5), None, "the server takes addresses, the CLI resolves");
+        assert_eq!(Target::parse("unix:/run/x.sock", 0), Some(Target::Unix("/run/x.sock".into())));
+        assert_eq!(Target::parse("unix:", 0), None);
+        assert_eq!(Target::Unix("/a b".into()).to_string(), "unix:/a b");
     }
 }

@@ -30,7 +30,7 @@ fn io_ctx(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 /// line ends it), so the server would act on part of what was asked: refuse such arguments.
 fn check_args(args: &[String]) -> Result<(), Error> {
     match args.iter().find(|a| a.is_empty() || a.contains(['\n', '\r'])) {
-        Some(a) => Err(remote(format!("bad argument {a:?}: empty or containing a line break"))),
+        Some(a) => Err(Error::Usage(format!("bad argument {a:?}: empty or containing a line break"))),
         None => Ok(()),
     }
 }
@@ -263,23 +263,45 @@ pub fn parse_ip(s: &str) -> Result<IpAddr, Error> {
     s.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| Error::BadAddress(s.to_string()))
 }
 
-/// Connects over TCP, first binding to `bind` (needed when the server has an ACL).
+/// Connects over TCP, first binding to `bind` (needed when the server has an ACL). A host name
+/// is tried at each of its addresses (of the bind address's family) in turn.
 pub fn connect_tcp(addr: &str, port: u16, bind: Option<&str>) -> Result<TcpStream, Error> {
-    let target = SocketAddr::new(parse_ip(addr)?, port);
-    let connect_err = io_ctx(format!("cannot connect to {target}"));
-    let Some(bind) = bind else {
-        return TcpStream::connect_timeout(&target, Duration::from_secs(15)).map_err(connect_err);
+    let local = match bind {
+        Some(b) => Some(crate::listener::resolve(b, 0)?),
+        None => None,
     };
-    let local = SocketAddr::new(parse_ip(bind)?, 0);
-    crate::net::connect(target, Some(local), false)
-        .map_err(io_ctx(format!("cannot connect to {target} from {bind}")))
+    let targets: Vec<SocketAddr> = crate::listener::resolve_all(addr, port)?
+        .into_iter()
+        .filter(|t| local.is_none_or(|l| l.is_ipv4() == t.is_ipv4()))
+        .collect();
+    let mut last = None;
+    for target in &targets {
+        let r = match local {
+            None => TcpStream::connect_timeout(target, Duration::from_secs(15)),
+            Some(l) => crate::net::connect(*target, Some(l), false),
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some((*target, e)),
+        }
+    }
+    match (last, bind) {
+        (Some((t, e)), None) => Err(io_ctx(format!("cannot connect to {t}"))(e)),
+        (Some((t, e)), Some(b)) => Err(io_ctx(format!("cannot connect to {t} from {b}"))(e)),
+        (None, _) => Err(Error::Usage(format!("{addr} has no address of the bind address's family"))),
+    }
+}
+
+fn check_limits(from: u64, size: u64) -> Result<(), Error> {
+    if from > MAX_OFFSET || size > MAX_SIZE {
+        return Err(Error::Usage("--from must be at most 2^62 and --size at most 2^30".into()));
+    }
+    Ok(())
 }
 
 /// `flexnbd read`: SIZE bytes at OFFSET to stdout.
 pub fn read_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>) -> Result<(), Error> {
-    if from > MAX_OFFSET || size > MAX_SIZE {
-        return Err(remote("offset must be at most 2^62 and size at most 2^30"));
-    }
+    check_limits(from, size)?;
     let mut c = NbdClient::connect(addr, port, bind)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
@@ -291,8 +313,11 @@ pub fn read_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>)
 /// `flexnbd write`: exactly SIZE bytes from stdin to OFFSET. All of stdin is read first, so a
 /// short input writes nothing.
 pub fn write_cmd(addr: &str, port: u16, from: u64, size: u64, bind: Option<&str>) -> Result<(), Error> {
-    if from > MAX_OFFSET || size > MAX_SIZE {
-        return Err(remote("offset must be at most 2^62 and size at most 2^30"));
+    check_limits(from, size)?;
+    // A bad address is a command-line error: say so before waiting on stdin.
+    crate::listener::resolve_all(addr, port)?;
+    if let Some(b) = bind {
+        crate::listener::resolve(b, 0)?;
     }
     let mut data = Vec::with_capacity(size as usize);
     io::stdin().lock().take(size).read_to_end(&mut data).map_err(io_ctx("cannot read stdin"))?;

@@ -383,8 +383,176 @@ fn bad_command_lines_fail_without_panicking() {
         vec!["read", "-l", "127.0.0.1", "-p", "1", "-F", "0", "-S", "lots"],
     ];
     for args in &cases {
-        cli(args).assert_clean_failure();
+        let r = cli(args);
+        r.assert_clean_failure();
+        assert_eq!(r.status.and_then(|s| s.code()), Some(2), "a bad command line exits 2: {}", r.describe());
     }
+}
+
+#[test]
+fn version_names_the_program_and_its_version() {
+    let want = format!("flexnbd {}", env!("CARGO_PKG_VERSION"));
+    for args in [vec!["--version"], vec!["-V"], vec!["serve", "--version"]] {
+        let r = cli(&args);
+        r.assert_success();
+        assert_eq!(r.stdout_text().trim(), want, "{}", r.describe());
+    }
+}
+
+/// Each a command-line error: exit status 2 and one sentence `flexnbd: ...` naming the problem
+/// (clap's usage hint may follow), never the daemon's log format.
+#[test]
+fn command_line_errors_exit_2_with_a_sentence() {
+    let dir = TempDir::new("cli-exit2");
+    let file = dir.join("disk.img");
+    make_sparse_file(&file, MIB);
+    let f = s(&file);
+    let sock = dir.join("ctl.sock");
+    let serve = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["serve", "-l", "127.0.0.1", "-p", "0", "-f", f].iter().map(|a| a.to_string()).collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    let too_far = (u64::pow(2, 62) + 1).to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (serve(&["10.0.0.0/33"]), "the prefix length is over 32"),
+        (serve(&["::/129"]), "the prefix length is over 128"),
+        (serve(&["bogus"]), "\"bogus\": not an IPv4 or IPv6 address"),
+        (serve(&["1.2.3.4/x"]), "must be a decimal number"),
+        (serve(&["--no-such-option"]), "unexpected argument"),
+        (
+            vec![
+                "serve".into(),
+                "-l".into(),
+                "no-such-host.invalid".into(),
+                "-p".into(),
+                "0".into(),
+                "-f".into(),
+                f.into(),
+            ],
+            "no-such-host.invalid",
+        ),
+        (vec!["listen".into(), "-f".into(), f.into()], "nowhere to listen"),
+        (
+            vec![
+                "serve".into(),
+                "-U".into(),
+                "x.sock".into(),
+                "--unix-mode".into(),
+                "999".into(),
+                "-f".into(),
+                f.into(),
+            ],
+            "octal file mode",
+        ),
+        (
+            vec![
+                "serve".into(),
+                "-U".into(),
+                "x.sock".into(),
+                "-p".into(),
+                "1".into(),
+                "-f".into(),
+                f.into(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            read_args("1", 0, 1, None)
+                .into_iter()
+                .map(|a| if a == "127.0.0.1" { "no-such-host.invalid".into() } else { a })
+                .collect(),
+            "no-such-host.invalid",
+        ),
+        (read_args("1", 0, 1, Some("bind-host.invalid")), "bind-host.invalid"),
+        (write_args("1", 0, 1, Some("bind-host.invalid")), "bind-host.invalid"),
+        (
+            vec![
+                "read".into(),
+                "-l".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                "1".into(),
+                "-F".into(),
+                too_far,
+                "-S".into(),
+                "1".into(),
+            ],
+            "at most 2^62",
+        ),
+        (
+            vec![
+                "mirror".into(),
+                "-l".into(),
+                "no-such-host.invalid".into(),
+                "-p".into(),
+                "1".into(),
+                "-s".into(),
+                s(&sock).into(),
+            ],
+            "no-such-host.invalid",
+        ),
+        (
+            vec![
+                "mirror".into(),
+                "-U".into(),
+                "x.sock".into(),
+                "-b".into(),
+                "127.0.0.1".into(),
+                "-s".into(),
+                s(&sock).into(),
+            ],
+            "cannot be used with",
+        ),
+        (vec!["acl".into(), "-s".into(), s(&sock).into(), "10.0.0.0/40".into()], "over 32"),
+        (vec!["frobnicate".into()], "unrecognized subcommand"),
+    ];
+    for (args, needle) in &cases {
+        let r = cli(&refs(args));
+        assert_eq!(r.status.and_then(|s| s.code()), Some(2), "expected exit status 2: {}", r.describe());
+        assert!(r.stderr.starts_with("flexnbd: "), "expected `flexnbd: <sentence>`: {}", r.describe());
+        assert!(r.stderr.contains(needle), "expected {needle:?} on stderr: {}", r.describe());
+        assert!(r.stdout.is_empty(), "nothing on stdout: {}", r.describe());
+    }
+    // Not a command-line error, but still a sentence for a person: status 1.
+    let missing = dir.join("missing.img");
+    let r = cli(&["serve", "-l", "127.0.0.1", "-p", "0", "-f", s(&missing)]);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(1), "{}", r.describe());
+    assert!(r.stderr.starts_with("flexnbd: cannot open "), "{}", r.describe());
+}
+
+#[test]
+fn host_names_work_in_serve_read_write_and_mirror() {
+    let (dir, file) = setup("cli-hostname", MIB);
+    let ctl = dir.join("src.ctl");
+    let mut src =
+        Server::spawn(&["serve", "-l", "localhost", "-p", "0", "-f", s(&file), "-s", s(&ctl), "-v"]);
+    let port = src.wait_ready(IO_TIMEOUT).to_string();
+    let data = random_bytes(4096, 77);
+    let mut w = write_args(&port, 8192, 4096, None);
+    w[2] = "localhost".into();
+    run(&refs(&w), Some(data.clone()), CLI_TIMEOUT).assert_success();
+    let mut r = read_args(&port, 8192, 4096, None);
+    r[2] = "localhost".into();
+    let out = cli(&refs(&r));
+    out.assert_success();
+    assert!(out.stdout == data, "read -l localhost returned other bytes than write -l localhost wrote");
+
+    // Both ends take the host name's first address, so they agree on where to meet.
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, MIB);
+    let mut dst = Server::spawn(&["listen", "-l", "localhost", "-p", "0", "-f", s(&dst_file), "-v"]);
+    let dport = dst.wait_ready(IO_TIMEOUT).to_string();
+    let m = cli(&["mirror", "-l", "localhost", "-p", &dport, "-s", s(&ctl)]);
+    m.assert_success();
+    assert!(m.stdout_text().contains("Migration started"), "{}", m.describe());
+    for (p, what) in [(&mut src, "source"), (&mut dst, "destination")] {
+        let st =
+            p.wait_timeout(BIG_TIMEOUT).unwrap_or_else(|| panic!("{what} did not exit after the migration"));
+        assert_eq!(st.code(), Some(0), "{what}: {}; stderr:\n{}", describe_status(st), p.stderr_text());
+    }
+    assert_files_equal(&file, &dst_file);
 }
 
 #[test]

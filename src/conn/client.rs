@@ -20,6 +20,7 @@ use super::{Ctx, Next, Stream};
 use crate::buffer::OutQueue;
 use crate::export::Extent;
 use crate::io_pool::{Completion, Job, Op};
+use crate::listener::Peer;
 use crate::proto::handshake::{self as hs, ParseError};
 use crate::proto::transmission::{self as tx, Request};
 use crate::proto::*;
@@ -28,7 +29,6 @@ use crate::token::ConnId;
 use log::{debug, info, warn};
 use mio::{Interest, Registry};
 use std::io::{self, Read};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Reads handled per readiness event before yielding to other connections.
@@ -92,10 +92,10 @@ impl std::fmt::Display for Fatal {
 }
 
 /// Generic over the byte stream so the state machine can be driven without TCP (the stateful
-/// fuzz target uses a Unix socket pair); the server uses mio's TcpStream.
+/// fuzz target uses a Unix socket pair); the server uses `listener::Socket` (TCP or Unix).
 pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     pub id: ConnId,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     stream: S,
     phase: Phase,
     incoming: Incoming,
@@ -143,7 +143,7 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
 }
 
 impl<S: Stream> ClientConn<S> {
-    pub fn new(id: ConnId, peer: SocketAddr, stream: S, ctx: &Ctx) -> ClientConn<S> {
+    pub fn new(id: ConnId, peer: Peer, stream: S, ctx: &Ctx) -> ClientConn<S> {
         let mut c = ClientConn {
             id,
             peer,

@@ -137,11 +137,15 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                 ));
             }
             let addr = args[0].clone();
-            if addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err() {
+            // Ours: `unix:PATH` (port ignored) for a destination on a Unix socket.
+            let unix = addr.strip_prefix(crate::net::UNIX_PREFIX).is_some_and(|p| !p.is_empty());
+            if !unix
+                && addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
+            {
                 return Err(bad("bad IP address"));
             }
             let port = match args[1].parse::<u16>() {
-                Ok(p) if p > 0 => p,
+                Ok(p) if p > 0 || unix => p,
                 _ => return Err(bad("bad IP port number")),
             };
             let action = match args.get(2).map(String::as_str) {
@@ -227,7 +231,8 @@ impl MirrorRequest {
         }
         if self.bind.is_some() || self.max_bps.is_some() || !ours.is_empty() {
             // Binding to the unspecified address is what not binding means.
-            let unspecified = if self.addr.contains(':') { "::" } else { "0.0.0.0" };
+            let ipv6 = self.addr.contains(':') && !self.addr.starts_with(crate::net::UNIX_PREFIX);
+            let unspecified = if ipv6 { "::" } else { "0.0.0.0" };
             v.push(self.bind.clone().unwrap_or_else(|| unspecified.to_string()));
         }
         if self.max_bps.is_some() || !ours.is_empty() {
@@ -547,6 +552,19 @@ mod tests {
             assert_eq!(max_bps, req.max_bps.filter(|&n| n > 0), "{all:?}");
             assert_eq!((w, freeze_limit), (req.wait, req.freeze_limit), "{all:?}");
         }
+    }
+
+    #[test]
+    fn mirror_to_a_unix_socket_takes_a_path_and_port_0() {
+        let m = parse_command(&lines(&["mirror", "unix:/run/d.sock", "0"]));
+        assert!(
+            matches!(m, Ok(Command::Mirror { ref addr, port: 0, .. }) if addr == "unix:/run/d.sock"),
+            "{m:?}"
+        );
+        assert_eq!(
+            parse_command(&lines(&["mirror", "unix:", "0"])),
+            Err(RequestError::BadArgs("bad IP address".into()))
+        );
     }
 
     #[test]

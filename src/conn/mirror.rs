@@ -44,12 +44,12 @@ use crate::conn::control::MirrorAction;
 use crate::dirty::DirtyMap;
 use crate::event_loop::Core;
 use crate::io_pool::{Completion, Job, Op};
+use crate::listener::Socket;
 use crate::proto::handshake::{self as hs, Greeting, ParseError};
 use crate::proto::transmission::{self as tx, ReplyHeader, Request};
 use crate::proto::*;
 use crate::token::ConnId;
 use log::{info, warn};
-use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -92,7 +92,7 @@ pub const DEFAULT_FREEZE_LIMIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct MirrorSpec {
-    pub target: SocketAddr,
+    pub target: crate::net::Target,
     pub bind: Option<SocketAddr>,
     pub action: MirrorAction,
     pub max_bps: Option<u64>,
@@ -233,7 +233,7 @@ pub struct Mirror {
     pub id: ConnId,
     state: State,
     deadline: Option<Instant>,
-    stream: Option<TcpStream>,
+    stream: Option<Socket>,
     registered: Option<Interest>,
     rbuf: Vec<u8>,
     out: OutQueue,
@@ -499,8 +499,8 @@ impl Mirror {
         self.rbuf.clear();
         self.out.clear();
         self.write_blocked = false;
-        let mut s = match crate::net::connect(self.spec.target, self.spec.bind, true) {
-            Ok(s) => TcpStream::from_std(s),
+        let mut s = match crate::net::connect_nonblocking(&self.spec.target, self.spec.bind) {
+            Ok(s) => s,
             Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
         };
         let _ = s.set_nodelay(true);
@@ -552,13 +552,13 @@ impl Mirror {
                 Ok(Some(e)) | Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
                 Ok(None) => {}
             }
-            match s.peer_addr() {
-                Ok(_) => {
+            match s.connected() {
+                Ok(true) => {
                     self.state = State::Hello;
                     self.deadline = Some(Instant::now() + HELLO_TIMEOUT);
                     crate::event_loop::set_keepalive(std::os::unix::io::AsRawFd::as_raw_fd(s));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Outcome::None,
+                Ok(false) => return Outcome::None,
                 Err(e) => return self.fail(core, Failure::Connect(e.to_string())),
             }
         }

@@ -209,7 +209,7 @@ impl Sim {
         };
         let id = ConnId { token: mio::Token(0), generation: 1 };
         let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut conn = ClientConn::new(id, peer, server, &ctx);
+        let mut conn = ClientConn::new(id, peer.into(), server, &ctx);
         conn.register(registry, mio::Token(0))?;
         let mut modified = false;
         let mut fed = 0;

@@ -457,14 +457,17 @@ impl Server {
 
     /// Spawn `flexnbd ARGS...` without waiting for anything.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Server {
-        let args: Vec<OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
-        let mut child = Command::new(flexnbd_bin())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", flexnbd_bin()));
+        let mut cmd = Command::new(flexnbd_bin());
+        cmd.args(args);
+        Server::spawn_command(cmd)
+    }
+
+    /// Spawn a prepared command (another program that runs flexnbd, such as
+    /// `systemd-socket-activate`, or flexnbd with extra environment) as the server under test.
+    pub fn spawn_command(mut cmd: Command) -> Server {
+        let args: Vec<OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let spawned = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
+        let mut child = spawned.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = Arc::clone(&lines);

@@ -1343,3 +1343,87 @@ fn a_destination_stopped_during_the_freeze_holds_clients_only_until_the_freeze_l
         assert_file_range(&dst_file, off, &pattern(seed), "acknowledged write on the destination");
     }
 }
+
+/// At the handover, a client with a batch of pipelined writes in the source's socket gets an
+/// answer to every one of them (done, or ESHUTDOWN) and then an orderly close, never a reset
+/// or a missing reply; what got ESHUTDOWN is on neither side. (A batch sent after the source
+/// closed the then idle connection gets no reply at all, and runs nowhere either.)
+#[test]
+fn pipelined_requests_at_the_handover_are_all_answered() {
+    const BATCH: u64 = 16;
+    let Pair { dir: _dir, src_file, dst_file, src_sock, mut src, mut dst, .. } =
+        pair("mirror-handover-batch", 8 * MIB, 161, &[]);
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let addr = src.addr();
+    let client = thread::spawn(move || {
+        let mut c = Nbd::connect(addr).expect("connect");
+        let (mut acked, mut refused) = (Vec::new(), Vec::new());
+        let mut seq = 0u64;
+        while Instant::now() < deadline {
+            let mut batch = Vec::new();
+            let mut sent = HashMap::new();
+            for _ in 0..BATCH {
+                seq += 1;
+                let (off, seed) = ((seq % 512) * BLOCK, (9 << 40) | seq);
+                let cookie = c.cookie();
+                batch.extend_from_slice(&Nbd::request_bytes(0, CMD_WRITE, cookie, off, BLOCK as u32));
+                batch.extend_from_slice(&pattern(seed));
+                sent.insert(cookie, (off, seed));
+            }
+            if let Err(e) = c.sock.write_all(&batch) {
+                return (acked, refused, format!("send failed after {} batches: {e}", seq / BATCH - 1));
+            }
+            for i in 0..BATCH {
+                match c.read_reply() {
+                    Ok(Reply::Simple { error, cookie }) => {
+                        let w = sent[&cookie];
+                        match error {
+                            0 => acked.push(w),
+                            ESHUTDOWN => refused.push(w),
+                            e => return (acked, refused, format!("error {e}")),
+                        }
+                    }
+                    Ok(r) => return (acked, refused, format!("unexpected reply {r:?}")),
+                    // A batch sent just as the source closed an idle connection is never read:
+                    // no reply at all then, and none of it may run.
+                    Err(_) if i == 0 => {
+                        refused.extend(sent.into_values());
+                        return (acked, refused, "closed before the batch was read".into());
+                    }
+                    Err(e) => return (acked, refused, format!("reply {i} of {BATCH} missing: {e}")),
+                }
+            }
+            if !refused.is_empty() {
+                let mut rest = [0u8; 1];
+                return match c.sock.read(&mut rest) {
+                    Ok(0) => (acked, refused, "closed".into()),
+                    other => (acked, refused, format!("after ESHUTDOWN: {other:?}")),
+                };
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        (acked, refused, "deadline".into())
+    });
+    thread::sleep(Duration::from_millis(100));
+    start_mirror(&src_sock, dst.port(), &[]);
+    assert_migration_completes(&mut src, &mut dst);
+    let (acked, refused, end) = client.join().expect("client");
+    assert!(
+        end == "closed" || end.starts_with("send failed") || end == "closed before the batch was read",
+        "the client saw: {end}"
+    );
+    assert!(!acked.is_empty(), "nothing was acknowledged");
+    // Each block's last acknowledged pattern is on the destination; refused ones are nowhere.
+    let mut last = HashMap::new();
+    for &(off, seed) in &acked {
+        last.insert(off, seed);
+    }
+    for (&off, &seed) in &last {
+        assert_file_range(&dst_file, off, &pattern(seed), "acknowledged write on the destination");
+    }
+    for &(off, seed) in &refused {
+        for f in [&src_file, &dst_file] {
+            assert!(read_at(f, off, BLOCK as usize) != pattern(seed), "a refused write at {off} is in {f:?}");
+        }
+    }
+}

@@ -215,6 +215,8 @@ impl<S: Stream> ClientConn<S> {
             && self.in_flight == 0
             && self.out.is_empty()
             && !self.sending
+            // Handed over: every request already sent gets its ESHUTDOWN before the close.
+            && !(self.handed_over && (self.read_ready || self.carry_ready()))
     }
 
     /// Would reading now make progress (edge seen, not paused)?

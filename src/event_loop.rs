@@ -4,16 +4,18 @@
 
 use crate::acl::Acl;
 use crate::batching::Batching;
+use crate::budget::PayloadBudget;
 use crate::buffer::BufPool;
 use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{Mirror, MirrorSpec, Outcome};
 use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
+use crate::deadlines::{Limits, Watch};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
-use crate::io_pool::{Completion, IoPool};
+use crate::io_pool::{Completion, IoPool, Op};
 use crate::remote;
 use crate::token::{self, ConnId};
 use crate::{fatal, signals};
@@ -29,8 +31,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long shutdown waits for in-flight requests and unsent replies before giving up on them.
+/// How long shutdown waits for in-flight disk work (a disk that hangs) before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits on peers: a client that has not sent the rest of a request or read
+/// its replies by then is closed (the man page says so).
+const PEER_GRACE: Duration = Duration::from_secs(2);
 /// Back-off after accept() fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long the reactor keeps polling without sleeping after the last event.
@@ -53,6 +58,10 @@ pub struct ServeOptions {
     pub listen: bool,
     pub workers: usize,
     pub multi_conn: MultiConn,
+    /// Handshake and stall deadlines, and the cap on clients.
+    pub limits: Limits,
+    /// Bytes of WRITE payload all clients together may have buffered (see `budget`).
+    pub payload_budget: usize,
 }
 
 pub enum Conn {
@@ -86,6 +95,7 @@ pub struct Core {
     inline_done: Vec<Completion>,
     lineage: Lineage,
     generation: u64,
+    budget: PayloadBudget,
 }
 
 impl Core {
@@ -106,6 +116,7 @@ impl Core {
             inline: &mut self.inline,
             inline_done: &mut self.inline_done,
             lineage: &mut self.lineage,
+            budget: &mut self.budget,
         }
     }
 
@@ -136,6 +147,10 @@ pub struct Server {
     pause_until: Option<Instant>,
     /// When the request buffers go back to the system, if no client has come by then.
     release_bufs_at: Option<Instant>,
+    /// Deadlines on negotiation and on payloads, and the client cap.
+    watch: Watch,
+    /// When shutdown stops waiting on peers (see PEER_GRACE).
+    peer_grace_until: Option<Instant>,
 }
 
 impl Server {
@@ -215,6 +230,7 @@ impl Server {
                 inline_done: Vec::new(),
                 lineage: Lineage::new(instance_id),
                 generation: 0,
+                budget: PayloadBudget::new(o.payload_budget),
             },
             mirror: None,
             file: o.file.clone(),
@@ -227,6 +243,8 @@ impl Server {
             batching: Batching::new(Instant::now()),
             pause_until: None,
             release_bufs_at: None,
+            watch: Watch::new(o.limits, Instant::now()),
+            peer_grace_until: None,
         })
     }
 
@@ -284,6 +302,8 @@ impl Server {
             self.mirror_tick();
             self.release_held();
             self.run_pending();
+            self.wake_budget_waiters();
+            self.enforce_deadlines();
             self.replace_sender();
             if self.handed_over {
                 break 0;
@@ -309,6 +329,12 @@ impl Server {
                 let code = i32::from(self.core.cfg.listen);
                 if self.core.num_clients == 0 {
                     break code;
+                }
+                if self.peer_grace_until.is_some_and(|t| Instant::now() >= t) {
+                    self.close_peer_waiters();
+                    if self.core.num_clients == 0 {
+                        break code;
+                    }
                 }
                 if Instant::now() >= deadline {
                     warn!(
@@ -336,8 +362,12 @@ impl Server {
         if self.shutdown_deadline.is_some() || self.accept_paused_until.is_some() {
             t = Some(ACCEPT_BACKOFF);
         }
-        let deadlines =
-            self.running_mirror().and_then(|m| m.deadline()).into_iter().chain(self.release_bufs_at);
+        let deadlines = self
+            .running_mirror()
+            .and_then(|m| m.deadline())
+            .into_iter()
+            .chain(self.release_bufs_at)
+            .chain(self.watch.next_deadline(self.core.num_clients));
         for d in deadlines {
             let left = d.saturating_duration_since(Instant::now());
             t = Some(t.map_or(left, |t| t.min(left)));
@@ -397,6 +427,9 @@ impl Server {
                 info!("refused {peer}: migration handover in progress");
                 continue;
             }
+            if !self.watch.admit(self.core.num_clients) {
+                continue;
+            }
             if !self.core.acl.admits(peer.ip()) {
                 info!("refused {peer}: not in the access control list");
                 continue;
@@ -419,6 +452,7 @@ impl Server {
                 continue;
             }
             info!("{id} {peer}: connected");
+            self.watch.connected(id, Instant::now());
             entry.insert(Conn::Client(c));
             self.core.num_clients += 1;
             self.release_bufs_at = None;
@@ -770,6 +804,8 @@ impl Server {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
                 self.core.num_clients -= 1;
+                self.core.budget.release(c.unfinished_payload());
+                self.watch.client_left(self.core.num_clients);
                 if c.migration_sender {
                     self.core.lineage.sender_left();
                 }
@@ -820,7 +856,12 @@ impl Server {
                     }
                 }
                 // The connection went away (or its slot was reused) while the disk worked.
-                _ => debug!("{id}: dropping completion for a closed connection"),
+                _ => {
+                    debug!("{id}: dropping completion for a closed connection");
+                    if let Op::Write { .. } = c.job.op {
+                        self.core.budget.release(c.job.buf.len());
+                    }
+                }
             }
         }
         self.completions = done;
@@ -868,6 +909,7 @@ impl Server {
 
     fn begin_shutdown(&mut self) {
         self.shutdown_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+        self.peer_grace_until = Some(Instant::now() + PEER_GRACE);
         if let Some(mut l) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut l);
         }
@@ -877,6 +919,74 @@ impl Server {
                 c.shut_down();
             }
             self.step(t);
+        }
+    }
+}
+
+impl Server {
+    /// Clients that found no room in the payload budget try again once some was freed.
+    fn wake_budget_waiters(&mut self) {
+        for id in self.core.budget.take_waiters() {
+            if let Some(Conn::Client(c)) = self.conns.get_mut(id.token.0)
+                && c.id == id
+            {
+                c.budget_retry();
+                self.step(id.token);
+            }
+        }
+    }
+
+    /// Closes clients that did not finish negotiating in time, or stopped in the middle of a
+    /// WRITE payload for longer than the stall limit.
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        let limits = self.watch.limits();
+        for id in self.watch.handshakes_due(now) {
+            if let Some(Conn::Client(c)) = self.conns.get(id.token.0)
+                && c.id == id
+                && c.negotiating()
+            {
+                let secs = limits.handshake.unwrap_or_default().as_secs();
+                info!(
+                    "{id} {}: negotiation not finished within {secs} s (--handshake-limit); closing",
+                    c.peer
+                );
+                self.close(id.token);
+            }
+        }
+        let probes = self.conns.iter().filter_map(|(_, c)| match c {
+            Conn::Client(c) => Some((c.id, c.stall_probe())),
+            _ => None,
+        });
+        for (id, idle) in self.watch.stalled(now, probes) {
+            if let Some(Conn::Client(c)) = self.conns.get(id.token.0) {
+                info!(
+                    "{id} {}: sent nothing more of a WRITE payload for {} s (--stall-limit); closing",
+                    c.peer,
+                    idle.as_secs()
+                );
+                self.close(id.token);
+            }
+        }
+    }
+
+    /// Shutdown has waited PEER_GRACE on the clients: those with nothing left at the disk are
+    /// waiting on their peer (the rest of a request, or room for its replies) and are closed.
+    /// Disk work still running is waited for (up to DRAIN_TIMEOUT).
+    fn close_peer_waiters(&mut self) {
+        let waiting: Vec<Token> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if !c.waits_on_disk() => Some(Token(k)),
+                _ => None,
+            })
+            .collect();
+        for t in waiting {
+            if let Some(Conn::Client(c)) = self.conns.get(t.0) {
+                info!("{} {}: peer still busy {PEER_GRACE:?} into shutdown; closing", c.id, c.peer);
+            }
+            self.close(t);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Entry point: parse the command line, set up logging, run the command, map errors to exit codes.
 
 use clap::Parser;
+use flexnbd::budget;
 use flexnbd::cli::{Cli, Command, LogOpts};
+use flexnbd::deadlines::Limits;
 use flexnbd::error::Error;
 use flexnbd::event_loop::{self, ServeOptions};
 use flexnbd::log::{self as flog, Verbosity};
@@ -91,5 +93,7 @@ fn serve(a: flexnbd::cli::ServeArgs, listen: bool) -> Result<i32, Error> {
         listen,
         workers: a.workers as usize,
         multi_conn: a.multi_conn,
+        limits: Limits::from_secs(a.handshake_limit, a.stall_limit, a.max_clients as usize),
+        payload_budget: a.payload_budget.unwrap_or_else(|| budget::default_limit(budget::host_ram())),
     })
 }

@@ -96,9 +96,11 @@ impl Watch {
         }
     }
 
-    /// When the reactor must next call `overdue`, if clients are connected.
-    pub fn next_deadline(&self, clients: usize) -> Option<Instant> {
-        let sweep = (clients > 0 && self.limits.stall.is_some()).then_some(self.next_sweep);
+    /// When the reactor must next check deadlines. `payloads` says whether any WRITE payload
+    /// is buffered (reserved in the budget): without one nobody can stall mid-payload, and an
+    /// idle server need not wake up for the sweep.
+    pub fn next_deadline(&self, payloads: bool) -> Option<Instant> {
+        let sweep = (payloads && self.limits.stall.is_some()).then_some(self.next_sweep);
         let hs = self.handshakes.front().map(|&(t, _)| t);
         match (sweep, hs) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -170,7 +172,7 @@ mod tests {
         assert_eq!((l.handshake, l.stall), (None, None));
         let mut w = Watch::new(l, Instant::now());
         w.connected(id(1), Instant::now());
-        assert_eq!(w.next_deadline(1), None, "nothing to wake up for");
+        assert_eq!(w.next_deadline(true), None, "nothing to wake up for");
     }
 
     #[test]
@@ -179,12 +181,12 @@ mod tests {
         let mut w = Watch::new(Limits::from_secs(10, 0, 5), t0);
         w.connected(id(1), t0);
         w.connected(id(2), t0 + s(3));
-        assert_eq!(w.next_deadline(2), Some(t0 + s(10)));
+        assert_eq!(w.next_deadline(false), Some(t0 + s(10)));
         assert!(w.handshakes_due(t0 + s(9)).is_empty());
         assert_eq!(w.handshakes_due(t0 + s(10)), vec![id(1)]);
-        assert_eq!(w.next_deadline(2), Some(t0 + s(13)));
+        assert_eq!(w.next_deadline(false), Some(t0 + s(13)));
         assert_eq!(w.handshakes_due(t0 + s(20)), vec![id(2)]);
-        assert_eq!(w.next_deadline(2), None);
+        assert_eq!(w.next_deadline(false), None);
     }
 
     #[test]
@@ -209,8 +211,8 @@ mod tests {
         let mut w = Watch::new(Limits::from_secs(0, 1, 5), t0);
         assert!(w.stalled(t0, vec![(id(1), Some(1))].into_iter()).is_empty(), "before the first sweep");
         assert!(w.stalled(t0 + s(1), vec![(id(1), Some(1))].into_iter()).is_empty());
-        assert_eq!(w.next_deadline(1), Some(t0 + s(2)));
-        assert_eq!(w.next_deadline(0), None, "no clients, no sweeps");
+        assert_eq!(w.next_deadline(true), Some(t0 + s(2)));
+        assert_eq!(w.next_deadline(false), None, "no payloads, no sweeps");
     }
 
     #[test]

@@ -367,7 +367,7 @@ impl Server {
             .and_then(|m| m.deadline())
             .into_iter()
             .chain(self.release_bufs_at)
-            .chain(self.watch.next_deadline(self.core.num_clients));
+            .chain(self.watch.next_deadline(self.core.budget.held() > 0));
         for d in deadlines {
             let left = d.saturating_duration_since(Instant::now());
             t = Some(t.map_or(left, |t| t.min(left)));

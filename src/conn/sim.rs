@@ -33,6 +33,8 @@ pub const SIM_SIZE: u64 = 256 * 1024 + 512;
 const DATA_END: u64 = SIM_SIZE / 2;
 /// tmpfs allocates and punches whole pages.
 const PAGE: u64 = 4096;
+/// Payload budget of the simulated server: two writes of over half the export cannot both hold it.
+const SIM_BUDGET: usize = 128 * 1024;
 /// Rounds of feed/step/complete before giving up (each round moves at least some bytes).
 const MAX_ROUNDS: usize = 4096;
 
@@ -190,7 +192,8 @@ impl Sim {
         let mut lineage = crate::conn::Lineage::new(1);
         let mut inline = super::InlineIo::default();
         let mut inline_done = Vec::new();
-        let mut budget = crate::budget::PayloadBudget::new(crate::budget::DEFAULT_MAX);
+        // Small, so that a second big write in flight waits for the first (the budget's path).
+        let mut budget = crate::budget::PayloadBudget::new(SIM_BUDGET);
         let mut ctx = Ctx {
             export: &export,
             pool: &queue,
@@ -240,6 +243,11 @@ impl Sim {
                     modified = true;
                 }
                 conn.complete(&mut ctx, c);
+            }
+            // As the reactor does: freed room lets a waiting write try again.
+            if !ctx.budget.take_waiters().is_empty() {
+                conn.budget_retry();
+                progress = true;
             }
             if next == Next::Continue {
                 next = conn.flush(&mut ctx);
@@ -437,6 +445,22 @@ mod tests {
         assert_eq!(rest.len(), 16 + 512 + 16, "the read, the EINVAL, and nothing after: {rest:?}");
         let einval = tx::encode_simple_reply(22, 0x77);
         assert!(rest.windows(16).any(|w| w == einval), "no EINVAL with the bad request's cookie");
+    }
+
+    #[test]
+    fn a_write_waiting_for_the_budget_goes_through_once_room_is_freed() {
+        let big = (SIM_BUDGET as u32 / 4) * 3;
+        let mut input = req(Cmd::Write, 1, 0, big);
+        input.extend(vec![1u8; big as usize]);
+        input.extend(req(Cmd::Write, 2, u64::from(big), big));
+        input.extend(vec![2u8; big as usize]);
+        input.extend(req(Cmd::Read, 3, 0, 512));
+        check_oldstyle(&input).unwrap();
+        let o = run(&input, true).unwrap();
+        let rest = &o.output[OLDSTYLE_HELLO_LEN..];
+        assert_eq!(rest.len(), 16 + 16 + 16 + 512, "both writes and the read answered");
+        assert!(o.after[..big as usize].iter().all(|&b| b == 1));
+        assert!(o.after[big as usize..2 * big as usize].iter().all(|&b| b == 2));
     }
 
     #[test]

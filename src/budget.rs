@@ -13,7 +13,9 @@
 //! budget, so small writes go on however much big, stalled ones have reserved, and a client
 //! stalled mid-payload is closed after the stall limit (see `deadlines`), which frees its share.
 //! So the payload memory is at most `limit + FLOOR * clients`, plus one payload bigger than the
-//! whole budget, which is let in when nothing else is reserved (else it could never run).
+//! whole budget, which is let in when nothing else is reserved (else it could never run), plus
+//! what was read together with a waiting header (kept in the connection's `carry`, at most the
+//! shared read buffer's 256 KiB).
 
 use crate::token::ConnId;
 use std::fmt;

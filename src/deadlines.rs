@@ -64,8 +64,9 @@ impl Watch {
 
     /// A client was admitted.
     pub fn connected(&mut self, id: ConnId, now: Instant) {
-        if let Some(d) = self.limits.handshake {
-            self.handshakes.push_back((now + d, id));
+        // A limit too far out to represent (a huge --handshake-limit) is no limit.
+        if let Some(at) = self.limits.handshake.and_then(|d| now.checked_add(d)) {
+            self.handshakes.push_back((at, id));
         }
     }
 
@@ -173,6 +174,16 @@ mod tests {
         let mut w = Watch::new(l, Instant::now());
         w.connected(id(1), Instant::now());
         assert_eq!(w.next_deadline(true), None, "nothing to wake up for");
+    }
+
+    #[test]
+    fn a_huge_limit_is_no_limit() {
+        let now = Instant::now();
+        let mut w = Watch::new(Limits::from_secs(u64::MAX, u64::MAX, usize::MAX), now);
+        w.connected(id(1), now);
+        assert_eq!(w.next_deadline(false), None);
+        assert!(w.stalled(now + s(5), vec![(id(1), Some(1))].into_iter()).is_empty());
+        assert!(w.admit(1_000_000));
     }
 
     #[test]

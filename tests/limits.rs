@@ -304,3 +304,47 @@ fn shutdown_does_not_wait_long_for_stalled_peers() {
     assert_ne!(buf, vec![1; 100 * 1024]);
     drop((writer, reader));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The new options on the command line
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_limit_values_are_refused_with_a_sentence_and_huge_ones_mean_no_limit() {
+    let _g = serial();
+    let dir = TempDir::new("limit-options");
+    let file = dir.join("disk.img");
+    make_sparse_file(&file, MIB);
+    let f = file.to_str().expect("utf-8 path");
+    let base = ["serve", "-l", "127.0.0.1", "-p", "0", "-f", f];
+    for (opt, val, needle) in [
+        ("--payload-budget", "12Q", "is not a size"),
+        ("--payload-budget", "0", "is not a size"),
+        ("--max-clients", "0", "--max-clients"),
+        ("--handshake-limit", "1.5", "--handshake-limit"),
+        ("--stall-limit", "soon", "--stall-limit"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([opt, val]);
+        let (st, lines) = run_expect_exit(&args, IO_TIMEOUT);
+        let text = lines.join("\n");
+        assert_eq!(st.code(), Some(2), "{opt} {val}: {}\n{text}", describe_status(st));
+        assert!(text.contains(needle) && !text.contains("panicked"), "{opt} {val}:\n{text}");
+    }
+    let huge = u64::MAX.to_string();
+    let server = Server::start(
+        &file,
+        &[
+            "--handshake-limit",
+            &huge,
+            "--stall-limit",
+            &huge,
+            "--payload-budget",
+            "1G",
+            "--max-clients",
+            "4000000000",
+        ],
+    );
+    let mut c = Nbd::connect(server.addr()).expect("connect");
+    assert_eq!(c.write(0, &[7; 4096], 0).expect("io"), 0);
+}

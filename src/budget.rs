@@ -29,6 +29,8 @@ pub const DEFAULT_MAX: usize = 256 << 20;
 #[derive(Debug)]
 pub struct PayloadBudget {
     limit: usize,
+    /// What every client may hold whatever the budget says (FLOOR but in simulations).
+    floor: usize,
     held: usize,
     /// Clients waiting for room, to be tried again once some is freed.
     waiters: Vec<ConnId>,
@@ -36,12 +38,20 @@ pub struct PayloadBudget {
 
 impl PayloadBudget {
     pub fn new(limit: usize) -> PayloadBudget {
-        PayloadBudget { limit, held: 0, waiters: Vec::new() }
+        PayloadBudget::with_floor(limit, FLOOR)
+    }
+
+    /// A budget with another floor: the simulated session uses a tiny one, so that the fuzzer
+    /// reaches a waiting write with inputs of a few KiB.
+    pub fn with_floor(limit: usize, floor: usize) -> PayloadBudget {
+        PayloadBudget { limit, floor, held: 0, waiters: Vec::new() }
     }
 
     /// Whether a client that already holds `mine` may reserve `len` more now.
     pub fn fits(&self, mine: usize, len: usize) -> bool {
-        self.held.saturating_add(len) <= self.limit || self.held == 0 || mine.saturating_add(len) <= FLOOR
+        self.held.saturating_add(len) <= self.limit
+            || self.held == 0
+            || mine.saturating_add(len) <= self.floor
     }
 
     /// Takes `len` bytes (the caller checked `fits`).

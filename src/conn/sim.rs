@@ -33,8 +33,10 @@ pub const SIM_SIZE: u64 = 256 * 1024 + 512;
 const DATA_END: u64 = SIM_SIZE / 2;
 /// tmpfs allocates and punches whole pages.
 const PAGE: u64 = 4096;
-/// Payload budget of the simulated server: two writes of over half the export cannot both hold it.
-const SIM_BUDGET: usize = 128 * 1024;
+/// Payload budget of the simulated server, and what a client may hold beyond it: small, so that
+/// a second write of a few KiB waits for the first (the budget's path) in a short input.
+const SIM_BUDGET: usize = 4096;
+const SIM_FLOOR: usize = 1024;
 /// Rounds of feed/step/complete before giving up (each round moves at least some bytes).
 const MAX_ROUNDS: usize = 4096;
 
@@ -193,7 +195,7 @@ impl Sim {
         let mut inline = super::InlineIo::default();
         let mut inline_done = Vec::new();
         // Small, so that a second big write in flight waits for the first (the budget's path).
-        let mut budget = crate::budget::PayloadBudget::new(SIM_BUDGET);
+        let mut budget = crate::budget::PayloadBudget::with_floor(SIM_BUDGET, SIM_FLOOR);
         let mut ctx = Ctx {
             export: &export,
             pool: &queue,

@@ -86,6 +86,20 @@ pub struct ServeArgs {
     /// Advertise multi-conn (CAN_MULTI_CONN); auto: only on hosts with more than 2 CPUs
     #[arg(long = "multi-conn", value_name = "WHEN", value_enum, default_value_t = MultiConn::Auto)]
     pub multi_conn: MultiConn,
+    /// Close a client that has not finished negotiating within SECS seconds (0: no limit)
+    #[arg(long = "handshake-limit", value_name = "SECS", default_value_t = 10)]
+    pub handshake_limit: u64,
+    /// Most NBD clients connected at once; further connections are closed at once
+    #[arg(long = "max-clients", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_clients: u32,
+    /// Memory for the WRITE payloads of all clients together, e.g. 256M [default: 256M, or a
+    /// quarter of the RAM if that is less]
+    #[arg(long = "payload-budget", value_name = "SIZE", value_parser = crate::budget::parse_size)]
+    pub payload_budget: Option<usize>,
+    /// Close a client that stops for SECS seconds in the middle of a WRITE payload (0: no limit)
+    #[arg(long = "stall-limit", value_name = "SECS", default_value_t = 60)]
+    pub stall_limit: u64,
     /// ACL entries: IP addresses with an optional /prefix
     #[arg(value_name = "ACL_ENTRY")]
     pub acl: Vec<String>,

@@ -4,16 +4,18 @@
 
 use crate::acl::Acl;
 use crate::batching::Batching;
+use crate::budget::PayloadBudget;
 use crate::buffer::BufPool;
 use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{DEFAULT_FREEZE_LIMIT, Mirror, MirrorSpec, Outcome};
 use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
+use crate::deadlines::{Limits, Watch};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
-use crate::io_pool::{Completion, IoPool};
+use crate::io_pool::{Completion, IoPool, Op};
 use crate::listener::{Endpoint, Listener, Peer, Socket};
 use crate::net::Target;
 use crate::remote;
@@ -31,11 +33,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long shutdown waits for in-flight requests and unsent replies before giving up on them.
+/// How long shutdown waits for in-flight disk work (a disk that hangs) before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a handover, how long clients get to hear ESHUTDOWN for what they sent before the
 /// process exits (the destination serves them from now on).
 const HANDOVER_DRAIN: Duration = Duration::from_secs(1);
+/// How long shutdown waits on peers: a client that has not sent the rest of a request or read
+/// its replies by then is closed (the man page says so).
+const PEER_GRACE: Duration = Duration::from_secs(2);
 /// Back-off after accept() fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long the reactor keeps polling without sleeping after the last event.
@@ -59,6 +64,10 @@ pub struct ServeOptions {
     pub listen: bool,
     pub workers: usize,
     pub multi_conn: MultiConn,
+    /// Handshake and stall deadlines, and the cap on clients.
+    pub limits: Limits,
+    /// Bytes of WRITE payload all clients together may have buffered (see `budget`).
+    pub payload_budget: usize,
 }
 
 pub enum Conn {
@@ -92,6 +101,7 @@ pub struct Core {
     inline_done: Vec<Completion>,
     lineage: Lineage,
     generation: u64,
+    budget: PayloadBudget,
 }
 
 impl Core {
@@ -112,6 +122,7 @@ impl Core {
             inline: &mut self.inline,
             inline_done: &mut self.inline_done,
             lineage: &mut self.lineage,
+            budget: &mut self.budget,
         }
     }
 
@@ -151,6 +162,10 @@ pub struct Server {
     notify: Notifier,
     status_at: Option<Instant>,
     idle_status: String,
+    /// Deadlines on negotiation and on payloads, and the client cap.
+    watch: Watch,
+    /// When shutdown stops waiting on peers (see PEER_GRACE).
+    peer_grace_until: Option<Instant>,
 }
 
 impl Server {
@@ -230,6 +245,7 @@ impl Server {
                 inline_done: Vec::new(),
                 lineage: Lineage::new(instance_id),
                 generation: 0,
+                budget: PayloadBudget::new(o.payload_budget),
             },
             mirror: None,
             file: o.file.clone(),
@@ -247,6 +263,8 @@ impl Server {
             notify: Notifier::from_env(),
             status_at: None,
             idle_status,
+            watch: Watch::new(o.limits, Instant::now()),
+            peer_grace_until: None,
         })
     }
 
@@ -313,6 +331,8 @@ impl Server {
             self.notify_progress();
             self.release_held();
             self.run_pending();
+            self.wake_budget_waiters();
+            self.enforce_deadlines();
             self.replace_sender();
             if let Some(at) = self.release_bufs_at
                 && Instant::now() >= at
@@ -335,6 +355,12 @@ impl Server {
                 let code = i32::from(self.core.cfg.listen);
                 if self.core.num_clients == 0 {
                     break code;
+                }
+                if self.peer_grace_until.is_some_and(|t| Instant::now() >= t) {
+                    self.close_peer_waiters();
+                    if self.core.num_clients == 0 {
+                        break code;
+                    }
                 }
                 if Instant::now() >= deadline {
                     warn!(
@@ -367,7 +393,8 @@ impl Server {
             .and_then(|m| m.deadline())
             .into_iter()
             .chain(self.release_bufs_at)
-            .chain(self.status_at);
+            .chain(self.status_at)
+            .chain(self.watch.next_deadline(self.core.budget.held() > 0));
         for d in deadlines {
             let left = d.saturating_duration_since(Instant::now());
             t = Some(t.map_or(left, |t| t.min(left)));
@@ -428,6 +455,9 @@ impl Server {
                 info!("refused {peer}: migration handover in progress");
                 continue;
             }
+            if !self.watch.admit(self.core.num_clients) {
+                continue;
+            }
             // ACL entries are IP addresses: a Unix socket's clients are who its file mode lets in.
             if peer.ip().is_some_and(|ip| !self.core.acl.admits(ip)) {
                 info!("refused {peer}: not in the access control list");
@@ -453,6 +483,7 @@ impl Server {
                 continue;
             }
             info!("{id} {peer}: connected");
+            self.watch.connected(id, Instant::now());
             entry.insert(Conn::Client(c));
             self.core.num_clients += 1;
             self.release_bufs_at = None;
@@ -794,6 +825,7 @@ impl Server {
     /// ESHUTDOWN (none runs here any more), then the process exits once they are all closed
     /// or HANDOVER_DRAIN has passed.
     fn hand_over_clients(&mut self) {
+        self.notify.stopping("migrated away: answering what clients sent with ESHUTDOWN");
         self.shutdown_deadline = Some(Instant::now() + HANDOVER_DRAIN);
         if let Some(mut l) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut l);
@@ -887,6 +919,8 @@ impl Server {
             Some(Conn::Client(mut c)) => {
                 c.deregister(&self.core.registry);
                 self.core.num_clients -= 1;
+                self.core.budget.release(c.unfinished_payload());
+                self.watch.client_left(self.core.num_clients);
                 if c.migration_sender {
                     self.core.lineage.sender_left();
                 }
@@ -943,7 +977,12 @@ impl Server {
                     }
                 }
                 // The connection went away (or its slot was reused) while the disk worked.
-                _ => debug!("{id}: dropping completion for a closed connection"),
+                _ => {
+                    debug!("{id}: dropping completion for a closed connection");
+                    if let Op::Write { .. } = c.job.op {
+                        self.core.budget.release(c.job.buf.len());
+                    }
+                }
             }
         }
         self.completions = done;
@@ -992,6 +1031,7 @@ impl Server {
     fn begin_shutdown(&mut self) {
         self.notify.stopping("finishing in-flight requests before exiting");
         self.shutdown_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+        self.peer_grace_until = Some(Instant::now() + PEER_GRACE);
         if let Some(mut l) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut l);
         }
@@ -1001,6 +1041,74 @@ impl Server {
                 c.shut_down();
             }
             self.step(t);
+        }
+    }
+}
+
+impl Server {
+    /// Clients that found no room in the payload budget try again once some was freed.
+    fn wake_budget_waiters(&mut self) {
+        for id in self.core.budget.take_waiters() {
+            if let Some(Conn::Client(c)) = self.conns.get_mut(id.token.0)
+                && c.id == id
+            {
+                c.budget_retry();
+                self.step(id.token);
+            }
+        }
+    }
+
+    /// Closes clients that did not finish negotiating in time, or stopped in the middle of a
+    /// WRITE payload for longer than the stall limit.
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        let limits = self.watch.limits();
+        for id in self.watch.handshakes_due(now) {
+            if let Some(Conn::Client(c)) = self.conns.get(id.token.0)
+                && c.id == id
+                && c.negotiating()
+            {
+                let secs = limits.handshake.unwrap_or_default().as_secs();
+                info!(
+                    "{id} {}: negotiation not finished within {secs} s (--handshake-limit); closing",
+                    c.peer
+                );
+                self.close(id.token);
+            }
+        }
+        let probes = self.conns.iter().filter_map(|(_, c)| match c {
+            Conn::Client(c) => Some((c.id, c.stall_probe())),
+            _ => None,
+        });
+        for (id, idle) in self.watch.stalled(now, probes) {
+            if let Some(Conn::Client(c)) = self.conns.get(id.token.0) {
+                info!(
+                    "{id} {}: sent nothing more of a WRITE payload for {} s (--stall-limit); closing",
+                    c.peer,
+                    idle.as_secs()
+                );
+                self.close(id.token);
+            }
+        }
+    }
+
+    /// Shutdown has waited PEER_GRACE on the clients: those with nothing left at the disk are
+    /// waiting on their peer (the rest of a request, or room for its replies) and are closed.
+    /// Disk work still running is waited for (up to DRAIN_TIMEOUT).
+    fn close_peer_waiters(&mut self) {
+        let waiting: Vec<Token> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if !c.waits_on_disk() => Some(Token(k)),
+                _ => None,
+            })
+            .collect();
+        for t in waiting {
+            if let Some(Conn::Client(c)) = self.conns.get(t.0) {
+                info!("{} {}: peer still busy {PEER_GRACE:?} into shutdown; closing", c.id, c.peer);
+            }
+            self.close(t);
         }
     }
 }

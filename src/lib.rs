@@ -14,9 +14,11 @@
 
 pub mod acl;
 pub mod batching;
+pub mod budget;
 pub mod buffer;
 pub mod cli;
 pub mod conn;
+pub mod deadlines;
 pub mod dirty;
 pub mod error;
 pub mod event_loop;

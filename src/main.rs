@@ -4,8 +4,10 @@
 //! (1 for anything else); the manual's log format is for what a running server logs.
 
 use clap::Parser;
+use flexnbd::budget;
 use flexnbd::cli::{Cli, Command, LogOpts, MirrorArgs, ServeArgs};
 use flexnbd::conn::control::{MirrorRequest, speed_slot};
+use flexnbd::deadlines::Limits;
 use flexnbd::error::Error;
 use flexnbd::event_loop::{self, ServeOptions};
 use flexnbd::listener::{self, DEFAULT_UNIX_MODE, Endpoint};
@@ -177,6 +179,8 @@ fn serve(a: ServeArgs, listen: bool, inherited: Vec<std::os::fd::OwnedFd>) -> Re
         listen,
         workers: a.workers as usize,
         multi_conn: a.multi_conn,
+        limits: Limits::from_secs(a.handshake_limit, a.stall_limit, a.max_clients as usize),
+        payload_budget: a.payload_budget.unwrap_or_else(|| budget::default_limit(budget::host_ram())),
     })?;
     // Once it runs, what ends it is the daemon's business: its log, in the manual's format.
     server.run().or_else(|e| {

@@ -1,4 +1,6 @@
-//! SIGINT/SIGQUIT/SIGTERM delivered through a signalfd that the reactor polls.
+//! SIGINT/SIGQUIT/SIGTERM/SIGHUP delivered through a signalfd that the reactor polls. SIGHUP
+//! (a closed terminal, or an operator used to daemons that reload on it) shuts down like SIGTERM:
+//! there is nothing to reload, and dying of it would leave the control socket behind.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -8,14 +10,14 @@ pub struct SignalFd {
 }
 
 impl SignalFd {
-    /// Blocks the three signals for this thread (and every thread it starts later) and opens a
+    /// Blocks the four signals for this thread (and every thread it starts later) and opens a
     /// non-blocking signalfd for them. Must run before any other thread is spawned.
     pub fn new() -> io::Result<SignalFd> {
         // SAFETY: sigset manipulation on a local, zero-initialised set.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM] {
+            for s in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
                 libc::sigaddset(&mut set, s);
             }
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {

@@ -288,3 +288,39 @@ fn structured_reply_with_data_is_invalid_and_changes_nothing() {
     assert_eq!(c.flags & TF_SEND_DF, 0, "structured replies are off: flags {:#x}", c.flags);
     assert_eq!(c.read(0, 512).expect("io").expect("simple read"), read_at(&file, 0, 512));
 }
+
+/// Option order (doc/proto.md): LIST_META_CONTEXT and SET_META_CONTEXT come after
+/// STRUCTURED_REPLY, and earlier ones are answered ERR_INVALID; a SET replaces the selection
+/// even when it fails, so BLOCK_STATUS is refused after a failed SET.
+#[test]
+fn meta_context_options_need_structured_replies_first() {
+    let dir = TempDir::new("meta-order");
+    let file = dir.join("disk.img");
+    make_sparse_file(&file, MIB);
+    let server = Server::start(&file, &[]);
+
+    let mut n = Negotiation::start(server.addr()).expect("greeting");
+    let meta = Negotiation::meta_context_data("", &["base:allocation"]);
+    for opt in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        let r = n.option(opt, &meta).expect("meta context option before STRUCTURED_REPLY");
+        assert_eq!(r.len(), 1, "no context listed before the error: {r:?}");
+        assert_eq!(r[0].typ, REP_ERR_INVALID, "option {opt} before STRUCTURED_REPLY: {r:?}");
+    }
+    assert_eq!(n.structured_reply().expect("STRUCTURED_REPLY").last().unwrap().typ, REP_ACK);
+    let r = n.option(OPT_LIST_META_CONTEXT, &meta).expect("LIST_META_CONTEXT");
+    assert_eq!(r.last().unwrap().typ, REP_ACK, "{r:?}");
+    assert_eq!(r[0].meta_context().map(|m| m.1).as_deref(), Some("base:allocation"), "{r:?}");
+    let r = n.set_meta_context("", &["base:allocation"]).expect("SET_META_CONTEXT");
+    assert_eq!(r.last().unwrap().typ, REP_ACK, "{r:?}");
+    // A malformed SET (a query length beyond the data) fails and clears the selection.
+    let mut bad = Negotiation::meta_context_data("", &["base:allocation"]);
+    bad.truncate(bad.len() - 3);
+    let r = n.option(OPT_SET_META_CONTEXT, &bad).expect("malformed SET_META_CONTEXT");
+    assert_eq!(r.last().unwrap().typ, REP_ERR_INVALID, "{r:?}");
+    let (mut c, _) = n.go("", &[]).expect("GO");
+    assert_eq!(
+        c.block_status(0, 4096, 0).expect("io"),
+        Err(EINVAL),
+        "BLOCK_STATUS after the failed SET that cleared base:allocation"
+    );
+}

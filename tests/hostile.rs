@@ -195,7 +195,8 @@ fn thousand_concurrent_connections_doing_io() {
     eprintln!("RLIMIT_NOFILE of the test process: soft {soft}, hard {hard}");
     assert!(soft >= BUSY_CONNS as u64 + 200, "RLIMIT_NOFILE {soft} is too low for {BUSY_CONNS} clients");
     let (_dir, file) = served_random("busy", ((BUSY_CONNS + 1) * BLOCK) as u64, 101);
-    let mut server = Server::start(&file, &[]);
+    // Above the default --max-clients (1024) with the fresh clients on top.
+    let mut server = Server::start(&file, &["--max-clients", "2000"]);
     let addr = server.addr();
 
     // Phase barriers: all connected; all I/O done; main checked a fresh client; release.
@@ -298,7 +299,8 @@ fn ten_thousand_idle_connections() {
     }
     assert!(n >= 1000, "RLIMIT_NOFILE hard limit {hard} is too low for this test");
     let (_dir, file) = served_random("idle10k", MIB, 102);
-    let mut server = Server::start(&file, &[]);
+    // Idle in negotiation on purpose: no handshake deadline, and no cap below the count.
+    let mut server = Server::start(&file, &["--handshake-limit", "0", "--max-clients", "100000"]);
     let addr = server.addr();
     let rss_before = vm_rss_kib(server.pid());
 

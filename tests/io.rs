@@ -222,10 +222,27 @@ fn oversized_write_header_never_buffers_whole_and_server_survives() {
     assert_file_range(&file, 0, &original, "file after refused oversized write");
 }
 
+/// As the original flexnbd (and its acceptance tests): EINVAL with the request's cookie, then
+/// the close, also with structured replies on (the reply is simple: the command is unknown).
 #[test]
-fn bad_request_magic_closes_connection_and_server_survives() {
+fn bad_request_magic_gets_einval_with_its_cookie_then_closes() {
     let (_dir, file) = served_random("bad-magic", MIB, 33);
     let mut server = Server::start(&file, &[]);
+    for structured in [false, true] {
+        let mut c =
+            if structured { Nbd::connect_structured(server.addr()) } else { Nbd::connect(server.addr()) }
+                .expect("connect");
+        let req = Nbd::request_bytes_magic(0x1234_5678, 0, CMD_READ, 0xc0ffee, 0, 512);
+        c.sock.write_all(&req).expect("send");
+        match c.read_reply() {
+            Ok(Reply::Simple { error, cookie }) => {
+                assert_eq!((error, cookie), (EINVAL, 0xc0ffee), "structured={structured}")
+            }
+            other => panic!("structured={structured}: no EINVAL reply to a bad magic: {other:?}"),
+        }
+        let got = wait_closed(&mut c.sock, Duration::from_secs(5));
+        assert_eq!(got, Ok(0), "structured={structured}: nothing more, then the close");
+    }
     let mut c = Nbd::connect(server.addr()).expect("connect");
     let req = Nbd::request_bytes_magic(0x1234_5678, 0, CMD_READ, 1, 0, 512);
     c.sock.write_all(&req).expect("send");

@@ -2,7 +2,7 @@
 #![no_main]
 
 use flexnbd::proto::Cmd;
-use flexnbd::proto::transmission::{REQUEST_LEN, parse_request};
+use flexnbd::proto::transmission::{REQUEST_LEN, parse_request, request_cookie};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|buf: &[u8]| {
@@ -15,7 +15,13 @@ fuzz_target!(|buf: &[u8]| {
                 assert!(rest.len() < REQUEST_LEN);
                 break;
             }
-            Err(_) => break,
+            Err(_) => {
+                // A bad magic is answered with the cookie at its place in the header.
+                assert!(rest.len() >= REQUEST_LEN);
+                let cookie = request_cookie(rest).expect("a whole header has a cookie");
+                assert_eq!(cookie.to_be_bytes(), rest[8..16]);
+                break;
+            }
         };
         assert_eq!(used, REQUEST_LEN);
         assert_eq!(req.encode(), rest[..used], "Request::encode(parse_request(x)) != x");

@@ -140,6 +140,10 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     shutting_down: bool,
     /// Set by `hand_over`.
     handed_over: bool,
+    /// WRITE payload bytes this connection holds in the payload budget (see `budget`).
+    reserved: usize,
+    /// A WRITE header waits in `carry` for room in the payload budget.
+    budget_wait: bool,
 }
 
 impl<S: Stream> ClientConn<S> {
@@ -174,6 +178,8 @@ impl<S: Stream> ClientConn<S> {
             disc: false,
             shutting_down: false,
             handed_over: false,
+            reserved: 0,
+            budget_wait: false,
         };
         let mut hello = Vec::with_capacity(OLDSTYLE_HELLO_LEN);
         if ctx.cfg.oldstyle {
@@ -227,6 +233,7 @@ impl<S: Stream> ClientConn<S> {
     fn paused(&self, ctx: &Ctx) -> bool {
         self.phase == Phase::Draining
             || ctx.frozen
+            || self.budget_wait
             || self.in_flight_bytes + self.out.bytes() + self.lent_backlog() >= ctx.cfg.max_in_flight_bytes
             || self.in_flight >= ctx.cfg.max_in_flight_reqs
     }
@@ -448,9 +455,14 @@ impl<S: Stream> ClientConn<S> {
                         }
                         k
                     }
-                    Incoming::Header => match tx::parse_request(rest).map_err(Fatal::Parse)? {
-                        None => break,
-                        Some((req, used)) => {
+                    Incoming::Header => match tx::parse_request(rest) {
+                        Err(e) => {
+                            self.bad_request(rest, e);
+                            break;
+                        }
+                        Ok(None) => break,
+                        Ok(Some((req, _))) if self.wait_for_budget(ctx, &req) => break,
+                        Ok(Some((req, used))) => {
                             self.handle_request(ctx, req);
                             used
                         }
@@ -568,7 +580,13 @@ impl<S: Stream> ClientConn<S> {
     }
 
     fn meta_context(&mut self, code: u32, set: bool, data: &[u8]) {
-        if set && !self.structured {
+        // A SET replaces the selection even when it fails.
+        if set {
+            self.meta_base_allocation = false;
+        }
+        // Both need structured replies first (LIST: the spec's SHOULD NOT / MAY; SET: its
+        // MUST NOT / SHOULD).
+        if !self.structured {
             return self.opt_reply(code, RepType::ErrInvalid, b"structured replies not negotiated");
         }
         let Ok(req) = hs::parse_meta_request(data) else {
@@ -646,6 +664,9 @@ impl<S: Stream> ClientConn<S> {
                 self.note_write(ctx);
                 self.in_flight += 1;
                 self.in_flight_bytes += req.len as usize;
+                // `wait_for_budget` made sure it fits.
+                self.reserved += req.len as usize;
+                ctx.budget.reserve(req.len as usize);
                 let buf = ctx.bufs.take(req.len as usize);
                 self.incoming = Incoming::Payload { req, buf, filled: 0 };
             }
@@ -685,6 +706,75 @@ impl<S: Stream> ClientConn<S> {
                 self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
             }
         }
+    }
+
+    /// A WRITE whose payload does not fit in the budget now waits, its header left unparsed
+    /// (the payload stays in the socket), until the reactor calls `budget_retry`. Writes that
+    /// will be refused (too long) carry no payload we keep, so they never wait.
+    fn wait_for_budget(&mut self, ctx: &mut Ctx, req: &Request) -> bool {
+        let len = req.len as usize;
+        if req.kind != Cmd::Write as u16 || req.len > MAX_REQUEST_LEN || ctx.budget.fits(self.reserved, len) {
+            return false;
+        }
+        debug!("{} {}: a {len}-byte write waits for room in the payload budget", self.id, self.peer);
+        self.budget_wait = true;
+        ctx.budget.wait(self.id);
+        true
+    }
+
+    /// Room was freed in the payload budget: parse the waiting header again.
+    pub fn budget_retry(&mut self) {
+        if std::mem::take(&mut self.budget_wait) {
+            self.carry_stale = false;
+        }
+    }
+
+    fn release_payload(&mut self, ctx: &mut Ctx, len: usize) {
+        self.reserved -= len;
+        ctx.budget.release(len);
+    }
+
+    /// The reservation of a payload still being received, which closing the connection frees
+    /// (payloads already handed to the disk free theirs when the job completes).
+    pub fn unfinished_payload(&self) -> usize {
+        match &self.incoming {
+            Incoming::Payload { buf, .. } => buf.len(),
+            _ => 0,
+        }
+    }
+
+    /// While the peer owes us the rest of a WRITE payload and has sent nothing we have not
+    /// read: how much of it has arrived (the reactor closes a client whose count stops moving).
+    pub fn stall_probe(&self) -> Option<u64> {
+        match &self.incoming {
+            Incoming::Payload { filled, .. } if !self.read_ready && !self.hup && self.carry.is_empty() => {
+                Some(*filled as u64)
+            }
+            _ => None,
+        }
+    }
+
+    /// Still in negotiation (the handshake deadline applies).
+    pub fn negotiating(&self) -> bool {
+        matches!(self.phase, Phase::ClientFlags | Phase::Options)
+    }
+
+    /// Some of its requests are with the disk (or the payload cache) rather than waiting on
+    /// the peer: shutdown lets these finish.
+    pub fn waits_on_disk(&self) -> bool {
+        let receiving = usize::from(matches!(self.incoming, Incoming::Payload { .. }));
+        self.in_flight > receiving
+    }
+
+    /// A request header with a bad magic: the framing is lost, so the connection ends; but
+    /// first the request gets EINVAL with its cookie, if the header is long enough to have
+    /// one, as the original flexnbd did (its acceptance tests expect it).
+    fn bad_request(&mut self, rest: &[u8], e: ParseError) {
+        warn!("{} {}: protocol error: {e}; closing", self.id, self.peer);
+        if let Some(cookie) = tx::request_cookie(rest) {
+            self.push_out(tx::encode_simple_reply(NbdErr::Inval as u32, cookie).to_vec());
+        }
+        self.phase = Phase::Draining;
     }
 
     /// A listen server takes writes from its migration sender only while one is connected.
@@ -728,6 +818,7 @@ impl<S: Stream> ClientConn<S> {
             if self.sender_only(ctx) {
                 // Its header came before a sender connected; the sender's data must not be
                 // overwritten now.
+                self.release_payload(ctx, buf.len());
                 ctx.bufs.give(buf);
                 return self.reply_error(req, NbdErr::Perm, "a migration is coming in");
             }
@@ -809,6 +900,9 @@ impl<S: Stream> ClientConn<S> {
         }
         self.in_flight -= 1;
         self.in_flight_bytes -= job.buf.len();
+        if let Op::Write { .. } = job.op {
+            self.release_payload(ctx, job.buf.len());
+        }
         let cookie = job.cookie;
         // Read data leaves with the reply; every other job's buffer is done with here.
         let mut spare = Some(job.buf);

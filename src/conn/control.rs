@@ -282,8 +282,10 @@ impl ControlListener {
             std::fs::remove_file(path).map_err(ctx)?;
         }
         let listener = UnixListener::bind(path).map_err(ctx)?;
+        // Made before the chmod, so that a failure from here on removes the file again (Drop).
+        let l = ControlListener { listener, path: path.to_path_buf() };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
-        Ok(ControlListener { listener, path: path.to_path_buf() })
+        Ok(l)
     }
 
     pub fn register(&mut self, r: &Registry, t: Token) -> io::Result<()> {
@@ -306,6 +308,14 @@ impl ControlListener {
 
     /// Unlinks the socket file (at shutdown).
     pub fn remove(self) {
+        drop(self);
+    }
+}
+
+/// However the server ends (a signal, a completed migration, a setup or poll error), the
+/// socket file goes with it: a stale file makes the next `--sock` user guess.
+impl Drop for ControlListener {
+    fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -57,6 +57,8 @@ pub struct Ctx<'a> {
     pub inline_done: &'a mut Vec<crate::io_pool::Completion>,
     /// What a `listen` server tells migration senders about its file (see `Lineage`).
     pub lineage: &'a mut Lineage,
+    /// Memory for WRITE payloads, shared by every client.
+    pub budget: &'a mut crate::budget::PayloadBudget,
 }
 
 /// A `listen` server's token for "your copy here is as you left it". A migration sender whose

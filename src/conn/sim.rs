@@ -33,6 +33,10 @@ pub const SIM_SIZE: u64 = 256 * 1024 + 512;
 const DATA_END: u64 = SIM_SIZE / 2;
 /// tmpfs allocates and punches whole pages.
 const PAGE: u64 = 4096;
+/// Payload budget of the simulated server, and what a client may hold beyond it: small, so that
+/// a second write of a few KiB waits for the first (the budget's path) in a short input.
+const SIM_BUDGET: usize = 4096;
+const SIM_FLOOR: usize = 1024;
 /// Rounds of feed/step/complete before giving up (each round moves at least some bytes).
 const MAX_ROUNDS: usize = 4096;
 
@@ -190,6 +194,8 @@ impl Sim {
         let mut lineage = crate::conn::Lineage::new(1);
         let mut inline = super::InlineIo::default();
         let mut inline_done = Vec::new();
+        // Small, so that a second big write in flight waits for the first (the budget's path).
+        let mut budget = crate::budget::PayloadBudget::with_floor(SIM_BUDGET, SIM_FLOOR);
         let mut ctx = Ctx {
             export: &export,
             pool: &queue,
@@ -206,6 +212,7 @@ impl Sim {
             inline: &mut inline,
             inline_done: &mut inline_done,
             lineage: &mut lineage,
+            budget: &mut budget,
         };
         let id = ConnId { token: mio::Token(0), generation: 1 };
         let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -238,6 +245,11 @@ impl Sim {
                     modified = true;
                 }
                 conn.complete(&mut ctx, c);
+            }
+            // As the reactor does: freed room lets a waiting write try again.
+            if !ctx.budget.take_waiters().is_empty() {
+                conn.budget_retry();
+                progress = true;
             }
             if next == Next::Continue {
                 next = conn.flush(&mut ctx);
@@ -289,19 +301,31 @@ pub fn drive(input: &[u8], oldstyle: bool) -> io::Result<()> {
 /// The requests an oldstyle session's input holds, as the server must frame them: each header,
 /// then a WRITE's payload (always consumed, even when refused), up to a bad magic.
 pub fn requests(input: &[u8]) -> Vec<tx::Request> {
+    framing(input).0
+}
+
+/// The requests (as `requests`), and the cookie of the header with a bad magic that ends them,
+/// if one does: the server answers it with EINVAL before closing.
+fn framing(input: &[u8]) -> (Vec<tx::Request>, Option<u64>) {
     let mut out = Vec::new();
     let mut pos = 0;
-    while let Ok(Some((r, used))) = tx::parse_request(&input[pos..]) {
-        pos += used;
-        out.push(r);
-        if r.has_payload() {
-            pos = pos.saturating_add(r.len as usize);
-        }
-        if r.kind == Cmd::Disc as u16 || pos >= input.len() {
-            break;
+    loop {
+        let rest = input.get(pos..).unwrap_or_default();
+        match tx::parse_request(rest) {
+            Ok(Some((r, used))) => {
+                pos += used;
+                out.push(r);
+                if r.has_payload() {
+                    pos = pos.saturating_add(r.len as usize);
+                }
+                if r.kind == Cmd::Disc as u16 || pos >= input.len() {
+                    return (out, None);
+                }
+            }
+            Ok(None) => return (out, None),
+            Err(_) => return (out, tx::request_cookie(rest)),
         }
     }
-    out
 }
 
 /// Checks an oldstyle session's invariants; returns a description of the first violation.
@@ -315,7 +339,7 @@ pub fn check_oldstyle(input: &[u8]) -> Result<(), String> {
 
 /// `files` is the export before and after, when it may have changed.
 fn check(input: &[u8], output: &[u8], files: Option<(&[u8], &[u8])>) -> Result<(), String> {
-    let reqs = requests(input);
+    let (reqs, bad_cookie) = framing(input);
     // Nothing outside a write-type request's range may change. Ranges, not a map of every
     // byte: the gaps between them are compared whole, and only a failing one byte by byte.
     if let Some((before, after)) = files {
@@ -347,6 +371,9 @@ fn check(input: &[u8], output: &[u8], files: Option<(&[u8], &[u8])>) -> Result<(
             // One cookie used for different reads: the reply stream cannot be framed from here.
             return Ok(());
         }
+    }
+    if let Some(c) = bad_cookie {
+        lens.entry(c).or_insert(None);
     }
     if output.len() < OLDSTYLE_HELLO_LEN {
         return if output.is_empty() { Ok(()) } else { Err("short hello".into()) };
@@ -405,6 +432,37 @@ mod tests {
         let out = run(&input, true).unwrap();
         assert_eq!(out.output.len(), OLDSTYLE_HELLO_LEN, "no reply after DISC: {:?}", out.output);
         check_oldstyle(&input).unwrap();
+    }
+
+    #[test]
+    fn bad_magic_is_answered_with_its_cookie_then_the_connection_ends() {
+        let mut input = req(Cmd::Read, 1, 0, 512);
+        let mut bad = req(Cmd::Read, 0x77, 0, 512);
+        bad[0] ^= 0xff;
+        input.extend(bad);
+        input.extend(req(Cmd::Read, 3, 0, 512));
+        check_oldstyle(&input).unwrap();
+        let out = run(&input, true).unwrap().output;
+        let rest = &out[OLDSTYLE_HELLO_LEN..];
+        assert_eq!(rest.len(), 16 + 512 + 16, "the read, the EINVAL, and nothing after: {rest:?}");
+        let einval = tx::encode_simple_reply(22, 0x77);
+        assert!(rest.windows(16).any(|w| w == einval), "no EINVAL with the bad request's cookie");
+    }
+
+    #[test]
+    fn a_write_waiting_for_the_budget_goes_through_once_room_is_freed() {
+        let big = (SIM_BUDGET as u32 / 4) * 3;
+        let mut input = req(Cmd::Write, 1, 0, big);
+        input.extend(vec![1u8; big as usize]);
+        input.extend(req(Cmd::Write, 2, u64::from(big), big));
+        input.extend(vec![2u8; big as usize]);
+        input.extend(req(Cmd::Read, 3, 0, 512));
+        check_oldstyle(&input).unwrap();
+        let o = run(&input, true).unwrap();
+        let rest = &o.output[OLDSTYLE_HELLO_LEN..];
+        assert_eq!(rest.len(), 16 + 16 + 16 + 512, "both writes and the read answered");
+        assert!(o.after[..big as usize].iter().all(|&b| b == 1));
+        assert!(o.after[big as usize..2 * big as usize].iter().all(|&b| b == 2));
     }
 
     #[test]

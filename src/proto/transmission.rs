@@ -205,6 +205,13 @@ pub fn parse_block_status(data: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ParseEr
     Ok((be32(data), ext))
 }
 
+/// The cookie of a request header whose magic is wrong, so that the error reply before the
+/// close still names the request: bytes 8..16, where every request header form keeps it.
+/// None while fewer bytes than a whole header have arrived.
+pub fn request_cookie(buf: &[u8]) -> Option<u64> {
+    (buf.len() >= REQUEST_LEN).then(|| be64(&buf[8..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +263,8 @@ mod tests {
         let mut b = req().encode();
         b[0] = 0;
         assert!(matches!(parse_request(&b), Err(ParseError::BadMagic { .. })));
+        assert_eq!(request_cookie(&b), Some(0xabcdef), "the error reply still names the request");
+        assert_eq!(request_cookie(&b[..REQUEST_LEN - 1]), None);
         let r = Request { kind: 99, ..req() };
         let (p, _) = parse_request(&r.encode()).unwrap().unwrap();
         assert_eq!(p.cmd(), None);

@@ -432,3 +432,114 @@ fn raw_option_order_rules() {
     assert_eq!(c.command(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 4096).expect("io"), EINVAL);
     assert_eq!(c.read(0, 512).expect("io").expect("read"), read_at(&file, 0, 512));
 }
+
+/// A qemu-nbd child on 127.0.0.1, killed (by its own handle) on drop; its stderr (traces) goes
+/// to a file.
+struct QemuNbd {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl QemuNbd {
+    /// qemu-nbd tracing which options it checks and the hole chunks it sends.
+    fn start(file: &std::path::Path, log: std::path::PathBuf) -> QemuNbd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-t"])
+            .args(["--trace", "nbd_negotiate_options_check_option", "--trace", "nbd_co_send_chunk_read_hole"])
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn qemu-nbd");
+        let q = QemuNbd { child, port, log };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // Bounded: up to 10 s for qemu-nbd to listen.
+        for _ in 0..200 {
+            if TcpStream::connect(addr).is_ok() {
+                return q;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("qemu-nbd not listening on {port}: {}", std::fs::read_to_string(&q.log).unwrap_or_default());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `flexnbd read`/`write` with stdin or stdout on files, bounded in time; the exit status.
+fn flexnbd_io(args: &[&str], stdin: Option<&std::path::Path>, stdout: Option<&std::path::Path>) -> bool {
+    let mut cmd = Command::new(flexnbd_bin());
+    cmd.args(args).stderr(std::process::Stdio::inherit());
+    cmd.stdin(stdin.map_or_else(std::process::Stdio::null, |p| std::fs::File::open(p).unwrap().into()));
+    cmd.stdout(stdout.map_or_else(std::process::Stdio::null, |p| std::fs::File::create(p).unwrap().into()));
+    let mut child = cmd.spawn().expect("spawn flexnbd");
+    match wait_child(&mut child, TOOL_TIMEOUT) {
+        Some(st) => st.success(),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flexnbd {args:?} still running after {TOOL_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Our own `read` and `write` ask for extended headers: against qemu-nbd, which then answers
+/// reads in several chunks with holes among them, and against flexnbd itself.
+#[test]
+fn cli_read_and_write_use_extended_headers() {
+    require_tool("qemu-nbd");
+    let dir = TempDir::new("ext-cli");
+    let file = dir.join("disk.img");
+    let size = 8 * MIB;
+    make_sparse_file(&file, size);
+    write_at(&file, 2 * MIB + 4096, &random_bytes(MIB as usize, 36));
+    let input = dir.join("in.bin");
+    std::fs::write(&input, random_bytes(300_000, 37)).unwrap();
+    let out = dir.join("out.bin");
+
+    let q = QemuNbd::start(&file, dir.join("qemu-nbd.log"));
+    let port = q.port.to_string();
+    let (p, s) = (port.as_str(), size.to_string());
+    assert!(flexnbd_io(
+        &["write", "-l", "127.0.0.1", "-p", p, "-F", "5000", "-S", "300000"],
+        Some(&input),
+        None
+    ));
+    assert_file_range(&file, 5000, &std::fs::read(&input).unwrap(), "flexnbd write to qemu-nbd");
+    assert!(flexnbd_io(&["read", "-l", "127.0.0.1", "-p", p, "-F", "0", "-S", &s], None, Some(&out)));
+    assert_files_equal(&file, &out);
+    let log = q.log();
+    assert!(log.contains("Checking option 11 (extended headers)"), "qemu-nbd trace:\n{log}");
+    assert!(log.contains("nbd_co_send_chunk_read_hole"), "no hole chunks were sent:\n{log}");
+    drop(q);
+
+    let server = Server::start(&file, &[]);
+    let port = server.port().to_string();
+    let p = port.as_str();
+    assert!(flexnbd_io(
+        &["write", "-l", "127.0.0.1", "-p", p, "-F", "3000000", "-S", "300000"],
+        Some(&input),
+        None
+    ));
+    assert_file_range(&file, 3_000_000, &std::fs::read(&input).unwrap(), "flexnbd write to flexnbd");
+    assert!(flexnbd_io(&["read", "-l", "127.0.0.1", "-p", p, "-F", "0", "-S", &s], None, Some(&out)));
+    assert_files_equal(&file, &out);
+    // The server logs what was negotiated at D level, which only debug builds have.
+    if cfg!(debug_assertions) {
+        assert!(server.wait_for_line("extended=true", IO_TIMEOUT), "{}", server.stderr_text());
+    }
+    // Past the end: refused by the client before any request.
+    assert!(!flexnbd_io(&["read", "-l", "127.0.0.1", "-p", p, "-F", &s, "-S", "1"], None, None));
+}

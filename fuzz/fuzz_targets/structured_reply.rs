@@ -4,11 +4,11 @@
 #![no_main]
 
 use flexnbd::proto::transmission::{
-    CHUNK_HEADER_LEN, EXT_REPLY_LEN, MAX_CHUNK_LEN, ReplyHeader, SIMPLE_REPLY_LEN, encode_block_status,
-    encode_block_status_ext, encode_chunk_header, encode_error_chunk, encode_ext_done,
+    CHUNK_HEADER_LEN, EXT_REPLY_LEN, MAX_CHUNK_LEN, ReadChunk, ReplyHeader, SIMPLE_REPLY_LEN,
+    encode_block_status, encode_block_status_ext, encode_chunk_header, encode_error_chunk, encode_ext_done,
     encode_ext_error_chunk, encode_ext_header, encode_simple_reply, parse_block_status,
     parse_block_status_ext, parse_error_chunk, parse_ext_reply_header, parse_offset_data, parse_offset_hole,
-    parse_reply_header,
+    parse_reply_header, read_chunk,
 };
 use flexnbd::proto::{
     CHUNK_BLOCK_STATUS, CHUNK_BLOCK_STATUS_EXT, CHUNK_ERROR, CHUNK_ERROR_OFFSET, CHUNK_NONE,
@@ -18,6 +18,14 @@ use libfuzzer_sys::fuzz_target;
 
 fn check_payload(flags: u16, kind: u16, cookie: u64, frame: &[u8]) {
     let data = &frame[CHUNK_HEADER_LEN..];
+    // A client's view of the chunk as part of a READ; the request's range comes from the cookie
+    // so that both in- and out-of-range chunks are tried.
+    let (offset, len) = (cookie >> 20, cookie & 0xf_ffff);
+    match read_chunk(kind, data, offset, len) {
+        Ok(ReadChunk::Data { at, data: d }) => assert!(at + d.len() <= len as usize && !d.is_empty()),
+        Ok(ReadChunk::Hole { at, len: n }) => assert!(at + n <= len as usize && n > 0),
+        _ => {}
+    }
     match kind {
         CHUNK_ERROR | CHUNK_ERROR_OFFSET => {
             if let Ok((error, msg)) = parse_error_chunk(data) {

@@ -347,6 +347,43 @@ pub fn parse_block_status_ext(data: &[u8]) -> Result<(u32, Vec<(u64, u32)>), Par
     Ok((be32(data), ext))
 }
 
+/// What one chunk of the reply to a READ of `len` bytes at `offset` holds, positioned in the
+/// read buffer. Chunks that point outside the request are malformed: a client must not write
+/// where it did not ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadChunk<'a> {
+    Data { at: usize, data: &'a [u8] },
+    Hole { at: usize, len: usize },
+    Error { error: u32, msg: &'a [u8] },
+    None,
+}
+
+pub fn read_chunk(kind: u16, payload: &[u8], offset: u64, len: u64) -> Result<ReadChunk<'_>, ParseError> {
+    let place = |at: u64, n: u64| -> Result<usize, ParseError> {
+        let rel = at.checked_sub(offset).ok_or(ParseError::Malformed("chunk before the read"))?;
+        match rel.checked_add(n) {
+            Some(end) if end <= len && n > 0 => Ok(rel as usize),
+            _ => Err(ParseError::Malformed("chunk past the read")),
+        }
+    };
+    match kind {
+        CHUNK_NONE if payload.is_empty() => Ok(ReadChunk::None),
+        CHUNK_OFFSET_DATA => {
+            let (at, data) = parse_offset_data(payload)?;
+            Ok(ReadChunk::Data { at: place(at, data.len() as u64)?, data })
+        }
+        CHUNK_OFFSET_HOLE => {
+            let (at, n) = parse_offset_hole(payload)?;
+            Ok(ReadChunk::Hole { at: place(at, n.into())?, len: n as usize })
+        }
+        k if k & 0x8000 != 0 => {
+            let (error, msg) = parse_error_chunk(payload)?;
+            Ok(ReadChunk::Error { error, msg })
+        }
+        _ => Err(ParseError::Malformed("chunk type in a read reply")),
+    }
+}
+
 /// Payload of an error chunk: (error, message).
 pub fn parse_error_chunk(data: &[u8]) -> Result<(u32, &[u8]), ParseError> {
     if data.len() < 6 {
@@ -558,6 +595,30 @@ mod tests {
         assert_eq!(parse_block_status_ext(&p).unwrap().1.len(), 2);
         assert!(parse_block_status_ext(&p[..8]).is_err());
         assert!(parse_block_status_ext(&p[..p.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn read_chunks_stay_inside_the_read() {
+        let mut d = 4096u64.to_be_bytes().to_vec();
+        d.extend_from_slice(b"abcd");
+        assert_eq!(
+            read_chunk(CHUNK_OFFSET_DATA, &d, 4000, 100),
+            Ok(ReadChunk::Data { at: 96, data: b"abcd" })
+        );
+        assert!(read_chunk(CHUNK_OFFSET_DATA, &d, 4000, 99).is_err(), "past the end");
+        assert!(read_chunk(CHUNK_OFFSET_DATA, &d, 4097, 100).is_err(), "before the start");
+        let mut h = 8192u64.to_be_bytes().to_vec();
+        h.extend_from_slice(&512u32.to_be_bytes());
+        assert_eq!(read_chunk(CHUNK_OFFSET_HOLE, &h, 8192, 512), Ok(ReadChunk::Hole { at: 0, len: 512 }));
+        h[11] = 0;
+        h[10] = 0;
+        assert!(read_chunk(CHUNK_OFFSET_HOLE, &h, 8192, 512).is_err(), "empty hole");
+        let mut e = Vec::new();
+        encode_error_chunk(&mut e, 1, 5, "io");
+        let got = read_chunk(CHUNK_ERROR, &e[CHUNK_HEADER_LEN..], 0, 1);
+        assert_eq!(got, Ok(ReadChunk::Error { error: 5, msg: b"io" }));
+        assert_eq!(read_chunk(CHUNK_NONE, &[], 0, 1), Ok(ReadChunk::None));
+        assert!(read_chunk(CHUNK_BLOCK_STATUS, &[0; 12], 0, 1).is_err());
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct ServeOptions {
     pub payload_budget: usize,
 }
 
+// Nearly every entry is a client, so boxing clients would save no memory and cost an
+// allocation per connection and a pointer chase per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Conn {
     Client(ClientConn<Socket>),
     Control(ControlConn),

@@ -4,7 +4,7 @@
 use crate::conn::control::{encode_request, parse_reply};
 use crate::error::Error;
 use crate::proto::handshake::{self as hs, Greeting};
-use crate::proto::transmission::{self as tx, ReplyHeader, Request};
+use crate::proto::transmission::{self as tx, ReadChunk, ReplyHeader, Request};
 use crate::proto::*;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -73,6 +73,8 @@ pub struct NbdClient {
     pub flags: u16,
     max_block: u32,
     cookie: u64,
+    /// The server took NBD_OPT_EXTENDED_HEADERS: 32-byte headers, every reply in chunks.
+    extended: bool,
 }
 
 impl NbdClient {
@@ -81,7 +83,8 @@ impl NbdClient {
         stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("socket"))?;
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_ctx("socket"))?;
         let _ = stream.set_nodelay(true);
-        let mut c = NbdClient { stream, size: 0, flags: 0, max_block: MAX_REQUEST_LEN, cookie: 1 };
+        let mut c =
+            NbdClient { stream, size: 0, flags: 0, max_block: MAX_REQUEST_LEN, cookie: 1, extended: false };
         c.handshake()?;
         Ok(c)
     }
@@ -133,10 +136,14 @@ impl NbdClient {
             self.flags = flags;
             return Ok(());
         }
+        // Extended headers first (a server without them refuses and we stay compact), then GO
+        // once that is answered: options must not be pipelined.
+        hs::encode_option(&mut out, OptCode::ExtendedHeaders as u32, &[]);
+        self.write_all(&out)?;
         let mut data = Vec::new();
         hs::encode_export_request(&mut data, b"", &[InfoType::BlockSize as u16]);
-        hs::encode_option(&mut out, OptCode::Go as u32, &data);
-        self.write_all(&out)?;
+        let mut go = Vec::new();
+        hs::encode_option(&mut go, OptCode::Go as u32, &data);
         loop {
             let mut h = [0u8; 20];
             self.read_exact(&mut h, "an option reply")?;
@@ -150,6 +157,11 @@ impl NbdClient {
             let (r, _) = hs::parse_option_reply(&b)
                 .map_err(|e| remote(format!("bad option reply: {e}")))?
                 .ok_or_else(|| remote("short option reply"))?;
+            if r.opt == OptCode::ExtendedHeaders as u32 {
+                self.extended = r.rep == RepType::Ack as u32;
+                self.write_all(&go)?;
+                continue;
+            }
             match RepType::try_from(r.rep) {
                 Ok(RepType::Ack) => break,
                 Ok(RepType::Info) => {
@@ -199,9 +211,13 @@ impl NbdClient {
         while done < len {
             let n = (len - done).min(u64::from(self.max_block)) as u32;
             let cookie = self.send(Cmd::Read, offset + done, n, &[])?;
-            self.expect_reply(cookie)?;
             buf.resize(n as usize, 0);
-            self.read_exact(&mut buf, "read data")?;
+            if self.extended {
+                self.chunks(cookie, offset + done, &mut buf)?;
+            } else {
+                self.expect_reply(cookie)?;
+                self.read_exact(&mut buf, "read data")?;
+            }
             out.write_all(&buf).map_err(io_ctx("cannot write to stdout"))?;
             done += u64::from(n);
         }
@@ -225,7 +241,15 @@ impl NbdClient {
     fn send(&mut self, cmd: Cmd, offset: u64, len: u32, payload: &[u8]) -> Result<u64, Error> {
         self.cookie += 1;
         let req = Request { flags: 0, kind: cmd as u16, cookie: self.cookie, offset, len };
-        self.write_all(&req.encode())?;
+        if self.extended {
+            let mut req = tx::ExtRequest::from(req);
+            if cmd == Cmd::Write {
+                req.flags |= CMD_FLAG_PAYLOAD_LEN;
+            }
+            self.write_all(&req.encode())?;
+        } else {
+            self.write_all(&req.encode())?;
+        }
         if !payload.is_empty() {
             self.write_all(payload)?;
         }
@@ -233,6 +257,9 @@ impl NbdClient {
     }
 
     fn expect_reply(&mut self, cookie: u64) -> Result<(), Error> {
+        if self.extended {
+            return self.chunks(cookie, 0, &mut []);
+        }
         let mut h = [0u8; tx::SIMPLE_REPLY_LEN];
         self.read_exact(&mut h, "a reply")?;
         match tx::parse_reply_header(&h).map_err(|e| remote(format!("bad reply: {e}")))? {
@@ -242,6 +269,45 @@ impl NbdClient {
             },
             Some((h, _)) => Err(remote(format!("unexpected reply {h:?}"))),
             None => Err(remote("short reply")),
+        }
+    }
+
+    /// Extended reply chunks for `cookie` up to the final one. A READ's data and holes land in
+    /// `buf` (its `buf.len()` bytes at `offset`), which they must cover whole unless an error
+    /// chunk came; any other reply must carry no data.
+    fn chunks(&mut self, cookie: u64, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let bad = |e: crate::proto::handshake::ParseError| remote(format!("bad reply: {e}"));
+        let (mut covered, mut failed) = (0usize, None);
+        loop {
+            let mut h = [0u8; tx::EXT_REPLY_LEN];
+            self.read_exact(&mut h, "a reply")?;
+            let (h, _) = tx::parse_ext_reply_header(&h).map_err(bad)?.ok_or_else(|| remote("short reply"))?;
+            if h.cookie != cookie {
+                return Err(remote(format!("unexpected reply {h:?}")));
+            }
+            // Bounded by the parser (MAX_CHUNK_LEN).
+            let mut p = vec![0u8; h.len as usize];
+            self.read_exact(&mut p, "a reply")?;
+            match tx::read_chunk(h.kind, &p, offset, buf.len() as u64).map_err(bad)? {
+                ReadChunk::Data { at, data } => {
+                    buf[at..at + data.len()].copy_from_slice(data);
+                    covered += data.len();
+                }
+                ReadChunk::Hole { at, len } => {
+                    buf[at..at + len].fill(0);
+                    covered += len;
+                }
+                ReadChunk::Error { error, .. } => failed = failed.or(Some(error)),
+                ReadChunk::None => {}
+            }
+            if h.flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        match failed {
+            Some(e) => Err(remote(format!("server replied with error {e} ({})", errno_name(e)))),
+            None if covered != buf.len() => Err(remote("the server's read reply left bytes out")),
+            None => Ok(()),
         }
     }
 

@@ -1,11 +1,19 @@
-//! Server side of transmission: a stream of request headers (with WRITE payloads skipped).
+//! Server side of transmission: a stream of request headers (with payloads skipped), read once
+//! as compact headers and once as extended ones (NBD_OPT_EXTENDED_HEADERS).
 #![no_main]
 
-use flexnbd::proto::Cmd;
-use flexnbd::proto::transmission::{REQUEST_LEN, parse_request, request_cookie};
+use flexnbd::proto::transmission::{
+    EXT_REQUEST_LEN, ExtRequest, REQUEST_LEN, parse_any_request, parse_ext_request, parse_request, request_cookie,
+};
+use flexnbd::proto::{CMD_FLAG_PAYLOAD_LEN, Cmd};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|buf: &[u8]| {
+    compact(buf);
+    extended(buf);
+});
+
+fn compact(buf: &[u8]) {
     let mut pos = 0;
     loop {
         let rest = &buf[pos..];
@@ -40,4 +48,47 @@ fuzz_target!(|buf: &[u8]| {
             pos += len;
         }
     }
-});
+}
+
+fn extended(buf: &[u8]) {
+    let mut pos = 0;
+    loop {
+        let rest = &buf[pos..];
+        let (req, used) = match parse_ext_request(rest) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                assert!(rest.len() < EXT_REQUEST_LEN);
+                break;
+            }
+            Err(_) => break,
+        };
+        assert_eq!(used, EXT_REQUEST_LEN);
+        assert_eq!(req.encode(), rest[..used], "ExtRequest::encode(parse_ext_request(x)) != x");
+        assert_eq!(parse_any_request(rest, true), Ok(Some((req, EXT_REQUEST_LEN))));
+        // The compact parser reads the same bytes as a compact header only if the magic says so.
+        assert!(parse_any_request(rest, false).is_err());
+        match req.cmd() {
+            Some(c) => assert_eq!(c as u16, req.kind),
+            None => assert!(Cmd::try_from(req.kind).is_err()),
+        }
+        let payload = req.kind == Cmd::Write as u16 || req.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+        assert_eq!(req.has_payload(true), payload);
+        pos += used;
+        if payload {
+            let Ok(len) = usize::try_from(req.len) else { break };
+            if buf.len() - pos < len {
+                break;
+            }
+            pos += len;
+        }
+    }
+    // A compact header widens to the same fields.
+    if let Ok(Some((r, used))) = parse_request(buf) {
+        let w: ExtRequest = r.into();
+        assert_eq!(parse_any_request(buf, false), Ok(Some((w, used))));
+        assert_eq!(
+            (w.flags, w.kind, w.cookie, w.offset, w.len),
+            (r.flags, r.kind, r.cookie, r.offset, r.len.into())
+        );
+    }
+}

@@ -11,6 +11,7 @@
 //! | Options        | EXPORT_NAME / GO            | Transmission                           |
 //! | Options        | ABORT                       | Draining                               |
 //! | Options        | INFO/LIST/STRUCTURED/META   | Options                                |
+//! | Options        | EXTENDED_HEADERS            | Options (32-byte headers from GO on)   |
 //! | Transmission   | request (+ payload)         | Transmission (job or inline reply)     |
 //! | Transmission   | DISC, shutdown              | Draining                               |
 //! | Draining       | -                           | closed once nothing is in flight/queued |
@@ -22,7 +23,7 @@ use crate::export::Extent;
 use crate::io_pool::{Completion, Job, Op};
 use crate::listener::Peer;
 use crate::proto::handshake::{self as hs, ParseError};
-use crate::proto::transmission::{self as tx, Request};
+use crate::proto::transmission::{self as tx, ExtRequest as Request};
 use crate::proto::*;
 use crate::sender::Lent;
 use crate::token::ConnId;
@@ -47,6 +48,9 @@ const BULK_WRITE: usize = 32 * 1024;
 const OFFLOAD_MIN: usize = 256 * 1024;
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
+/// Most of the export one BLOCK_STATUS looks at: the largest 4 KiB multiple a compact
+/// descriptor holds (an extended request's length may be bigger).
+const MAX_STATUS_LEN: u64 = u32::MAX as u64 & !4095;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -109,6 +113,9 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     in_flight_bytes: usize,
     no_zeroes: bool,
     structured: bool,
+    /// NBD_OPT_EXTENDED_HEADERS agreed: 32-byte requests and replies, and every reply a chunk.
+    /// Implies `structured`.
+    extended: bool,
     meta_base_allocation: bool,
     /// Readable edge seen and not yet read down to WouldBlock.
     read_ready: bool,
@@ -162,6 +169,7 @@ impl<S: Stream> ClientConn<S> {
             in_flight_bytes: 0,
             no_zeroes: false,
             structured: false,
+            extended: false,
             meta_base_allocation: false,
             read_ready: true,
             write_blocked: false,
@@ -335,9 +343,10 @@ impl<S: Stream> ClientConn<S> {
                 }
                 Incoming::Payload { buf, filled, .. } => {
                     // The next request's header comes in the same read, if it is there already.
-                    let mut next = [0u8; tx::REQUEST_LEN];
+                    let mut next = [0u8; tx::EXT_REQUEST_LEN];
+                    let next = &mut next[..tx::request_len(self.extended)];
                     let want = buf.len() - *filled;
-                    match read_some_vectored(&mut self.stream, &mut buf[*filled..], &mut next)? {
+                    match read_some_vectored(&mut self.stream, &mut buf[*filled..], next)? {
                         None => self.read_ready = false,
                         Some(n) => {
                             // A short read drained the socket; the next byte brings a new edge.
@@ -382,7 +391,7 @@ impl<S: Stream> ClientConn<S> {
         let mut eof = false;
         // While big WRITEs stream in, read no further than the next header, so that its
         // payload goes straight into its own buffer instead of being copied out of ours.
-        let limit = if self.bulk_writes { tx::REQUEST_LEN.max(c) } else { sbuf.len() };
+        let limit = if self.bulk_writes { tx::request_len(self.extended).max(c) } else { sbuf.len() };
         if self.read_ready && c < limit {
             match read_some(&mut self.stream, &mut sbuf[c..limit]) {
                 Ok(Some(k)) => {
@@ -421,6 +430,8 @@ impl<S: Stream> ClientConn<S> {
         let mut pos = 0;
         while pos < data.len() && !self.paused(ctx) {
             let rest = &data[pos..];
+            // Per frame: an EXTENDED_HEADERS just handled changes how the next one is framed.
+            let ext = self.extended;
             let used = match self.phase {
                 Phase::ClientFlags => match hs::parse_client_flags(rest).map_err(Fatal::Parse)? {
                     None => break,
@@ -455,7 +466,7 @@ impl<S: Stream> ClientConn<S> {
                         }
                         k
                     }
-                    Incoming::Header => match tx::parse_request(rest) {
+                    Incoming::Header => match tx::parse_any_request(rest, ext) {
                         Err(e) => {
                             self.bad_request(rest, e);
                             break;
@@ -488,6 +499,12 @@ impl<S: Stream> ClientConn<S> {
             // EXPORT_NAME has no error reply: refusing it means hanging up.
             OptCode::ExportName if data.len() > MAX_STRING_LEN => {
                 info!("{} {}: export name of {} bytes is too long; closing", self.id, self.peer, data.len());
+                self.phase = Phase::Draining;
+            }
+            // A client that agreed to extended headers must use GO (the spec's MUST); this one
+            // cannot be told so, as EXPORT_NAME has no error reply.
+            OptCode::ExportName if self.extended => {
+                info!("{} {}: EXPORT_NAME after EXTENDED_HEADERS; closing", self.id, self.peer);
                 self.phase = Phase::Draining;
             }
             OptCode::ExportName => {
@@ -544,7 +561,24 @@ impl<S: Stream> ClientConn<S> {
             OptCode::StructuredReply if !data.is_empty() => {
                 self.opt_reply(code, RepType::ErrInvalid, b"STRUCTURED_REPLY takes no data")
             }
+            // Extended headers take precedence and cannot be downgraded: the spec's own error.
+            OptCode::StructuredReply if self.extended => {
+                self.opt_reply(code, RepType::ErrExtHeaderReqd, b"extended headers already negotiated")
+            }
             OptCode::StructuredReply => {
+                self.structured = true;
+                self.opt_reply(code, RepType::Ack, &[]);
+            }
+            OptCode::ExtendedHeaders if !data.is_empty() => {
+                self.opt_reply(code, RepType::ErrInvalid, b"EXTENDED_HEADERS takes no data")
+            }
+            OptCode::ExtendedHeaders if self.extended => {
+                self.opt_reply(code, RepType::ErrInvalid, b"extended headers already negotiated")
+            }
+            OptCode::ExtendedHeaders => {
+                // Extended replies are chunks, so everything that needs structured replies
+                // (meta contexts, DF) comes with them; contexts already set stay set.
+                self.extended = true;
                 self.structured = true;
                 self.opt_reply(code, RepType::Ack, &[]);
             }
@@ -614,8 +648,8 @@ impl<S: Stream> ClientConn<S> {
     fn enter_transmission(&mut self) {
         self.phase = Phase::Transmission;
         debug!(
-            "{} {}: transmission (structured={}, base:allocation={})",
-            self.id, self.peer, self.structured, self.meta_base_allocation
+            "{} {}: transmission (structured={}, extended={}, base:allocation={})",
+            self.id, self.peer, self.structured, self.extended, self.meta_base_allocation
         );
     }
 
@@ -630,9 +664,9 @@ impl<S: Stream> ClientConn<S> {
 
     fn handle_request(&mut self, ctx: &mut Ctx, req: Request) {
         *ctx.requests += 1;
-        self.bulk_writes = req.kind == Cmd::Write as u16 && req.len as usize >= BULK_WRITE;
+        self.bulk_writes = req.kind == Cmd::Write as u16 && req.len >= BULK_WRITE as u64;
         let size = ctx.export.size();
-        let len = u64::from(req.len);
+        let len = req.len;
         let end = req.offset.checked_add(len);
         let inside = end.is_some_and(|e| e <= size);
         let ro = ctx.export.read_only() || self.sender_only(ctx);
@@ -643,7 +677,17 @@ impl<S: Stream> ClientConn<S> {
         // A DISC never gets a reply, so flags cannot be refused there: the client is leaving
         // either way (an EINVAL would answer a request it thinks it never has to wait for, and
         // we would go on reading after it said goodbye).
-        if cmd != Cmd::Disc && !tx::flags_fit(cmd, req.flags, self.structured) {
+        // PAYLOAD_LEN only says how the request is framed (see `ExtRequest::has_payload`).
+        let flags = if self.extended { req.flags & !CMD_FLAG_PAYLOAD_LEN } else { req.flags };
+        if cmd != Cmd::Disc && !tx::flags_fit(cmd, flags, self.structured) {
+            return self.refuse(req, NbdErr::Inval);
+        }
+        // No command but WRITE takes a payload here; the spec has one sent anyway read past
+        // and refused. A FLUSH's range must be zero; with extended headers its reply would
+        // have to echo an offset the flush job does not carry.
+        if !matches!(cmd, Cmd::Write | Cmd::Disc) && req.has_payload(self.extended)
+            || self.extended && cmd == Cmd::Flush && (req.offset != 0 || req.len != 0)
+        {
             return self.refuse(req, NbdErr::Inval);
         }
         if req.len == 0 && tx::needs_length(cmd) {
@@ -654,11 +698,13 @@ impl<S: Stream> ClientConn<S> {
             return self.refuse(req, NbdErr::Shutdown);
         }
         match cmd {
-            Cmd::Read if req.len > MAX_REQUEST_LEN => self.reply_error(req, NbdErr::Inval, "read too long"),
+            Cmd::Read if req.len > u64::from(MAX_REQUEST_LEN) => {
+                self.reply_error(req, NbdErr::Inval, "read too long")
+            }
             Cmd::Read if !inside => self.reply_error(req, NbdErr::Inval, "read beyond the end"),
             Cmd::Read => self.start_read(ctx, req),
             Cmd::Write if ro => self.refuse(req, NbdErr::Perm),
-            Cmd::Write if req.len > MAX_REQUEST_LEN => self.refuse(req, NbdErr::Inval),
+            Cmd::Write if req.len > u64::from(MAX_REQUEST_LEN) => self.refuse(req, NbdErr::Inval),
             Cmd::Write if !inside => self.refuse(req, NbdErr::NoSpc),
             Cmd::Write => {
                 self.note_write(ctx);
@@ -703,7 +749,9 @@ impl<S: Stream> ClientConn<S> {
             Cmd::BlockStatus if !inside => self.reply_error(req, NbdErr::Inval, "block status range invalid"),
             Cmd::BlockStatus => {
                 let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
-                self.submit(ctx, req, Op::Extents { offset: req.offset, len: req.len, max }, Vec::new())
+                // A 64-bit length is a hint; the spec lets the answer cover less.
+                let len = req.len.min(MAX_STATUS_LEN) as u32;
+                self.submit(ctx, req, Op::Extents { offset: req.offset, len, max }, Vec::new())
             }
         }
     }
@@ -712,8 +760,11 @@ impl<S: Stream> ClientConn<S> {
     /// (the payload stays in the socket), until the reactor calls `budget_retry`. Writes that
     /// will be refused (too long) carry no payload we keep, so they never wait.
     fn wait_for_budget(&mut self, ctx: &mut Ctx, req: &Request) -> bool {
+        if req.kind != Cmd::Write as u16 || req.len > u64::from(MAX_REQUEST_LEN) {
+            return false;
+        }
         let len = req.len as usize;
-        if req.kind != Cmd::Write as u16 || req.len > MAX_REQUEST_LEN || ctx.budget.fits(self.reserved, len) {
+        if ctx.budget.fits(self.reserved, len) {
             return false;
         }
         debug!("{} {}: a {len}-byte write waits for room in the payload budget", self.id, self.peer);
@@ -771,8 +822,9 @@ impl<S: Stream> ClientConn<S> {
     /// one, as the original flexnbd did (its acceptance tests expect it).
     fn bad_request(&mut self, rest: &[u8], e: ParseError) {
         warn!("{} {}: protocol error: {e}; closing", self.id, self.peer);
+        // The cookie sits at the same place in compact and extended headers.
         if let Some(cookie) = tx::request_cookie(rest) {
-            self.push_out(tx::encode_simple_reply(NbdErr::Inval as u32, cookie).to_vec());
+            self.error_reply(cookie, 0, false, NbdErr::Inval, "bad request magic");
         }
         self.phase = Phase::Draining;
     }
@@ -793,8 +845,8 @@ impl<S: Stream> ClientConn<S> {
 
     /// Refuses a request; a WRITE's payload is still on its way and is skipped, never buffered.
     fn refuse(&mut self, req: Request, err: NbdErr) {
-        if req.has_payload() && req.len > 0 {
-            self.incoming = Incoming::Discard { req, remaining: u64::from(req.len), err };
+        if req.has_payload(self.extended) && req.len > 0 {
+            self.incoming = Incoming::Discard { req, remaining: req.len, err };
         } else {
             self.reply_error(req, err, "request refused");
         }
@@ -832,7 +884,7 @@ impl<S: Stream> ClientConn<S> {
         if len >= SENDFILE_MIN && ctx.export.cached(req.offset, len) {
             return self.reply_from_file(req);
         }
-        let at = if self.structured { tx::CHUNK_HEADER_LEN + 8 } else { tx::SIMPLE_REPLY_LEN };
+        let at = self.read_header_len();
         let mut buf = ctx.bufs.take(at + len);
         if len <= INLINE_READ_MAX
             && let Some(result) = ctx.export.try_read_nowait(&mut buf[at..], req.offset)
@@ -854,13 +906,23 @@ impl<S: Stream> ClientConn<S> {
     /// The data is what the file holds when it is sent; anything written to the range by then
     /// was sent while this read was still unanswered, which NBD leaves unordered anyway.
     fn reply_from_file(&mut self, req: Request) {
-        let mut h = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 8);
-        if self.structured {
+        let mut h = Vec::with_capacity(tx::EXT_REPLY_LEN + 8);
+        if self.extended {
+            let len = 8 + req.len;
+            h.extend_from_slice(&tx::encode_ext_header(
+                REPLY_FLAG_DONE,
+                CHUNK_OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                len,
+            ));
+            h.extend_from_slice(&req.offset.to_be_bytes());
+        } else if self.structured {
             h.extend_from_slice(&tx::encode_chunk_header(
                 REPLY_FLAG_DONE,
                 CHUNK_OFFSET_DATA,
                 req.cookie,
-                8 + req.len,
+                8 + req.len as u32,
             ));
             h.extend_from_slice(&req.offset.to_be_bytes());
         } else {
@@ -909,7 +971,17 @@ impl<S: Stream> ClientConn<S> {
         match (job.op, result) {
             (Op::Read { offset, at, len }, Ok(_)) => {
                 let Some(mut buf) = spare.take() else { return };
-                if self.structured {
+                if self.extended {
+                    let h = tx::encode_ext_header(
+                        REPLY_FLAG_DONE,
+                        CHUNK_OFFSET_DATA,
+                        cookie,
+                        offset,
+                        8 + len as u64,
+                    );
+                    buf[..tx::EXT_REPLY_LEN].copy_from_slice(&h);
+                    buf[tx::EXT_REPLY_LEN..at].copy_from_slice(&offset.to_be_bytes());
+                } else if self.structured {
                     let h =
                         tx::encode_chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len as u32);
                     buf[..tx::CHUNK_HEADER_LEN].copy_from_slice(&h);
@@ -919,17 +991,18 @@ impl<S: Stream> ClientConn<S> {
                 }
                 self.push_out(buf);
             }
-            (Op::Extents { .. }, Ok(ext)) => self.reply_extents(cookie, &ext),
-            (Op::Flush, Ok(_)) => {
-                self.flushed = true;
-                self.push_out(tx::encode_simple_reply(0, cookie).to_vec());
+            (Op::Extents { offset, .. }, Ok(ext)) => self.reply_extents(cookie, offset, &ext),
+            (op, Ok(_)) => {
+                if matches!(op, Op::Flush) {
+                    self.flushed = true;
+                }
+                self.reply_done(cookie, op_offset(&op));
             }
-            (_, Ok(_)) => self.push_out(tx::encode_simple_reply(0, cookie).to_vec()),
             (op, Err(e)) => {
                 let err = errno_to_nbd(&e);
                 warn!("{} {}: {op:?} failed: {e}", self.id, self.peer);
                 let is_read = matches!(op, Op::Read { .. } | Op::Extents { .. });
-                self.error_reply(cookie, is_read, err, &e.to_string());
+                self.error_reply(cookie, op_offset(&op), is_read, err, &e.to_string());
             }
         }
         if let Some(b) = spare {
@@ -937,7 +1010,36 @@ impl<S: Stream> ClientConn<S> {
         }
     }
 
-    fn reply_extents(&mut self, cookie: u64, ext: &[Extent]) {
+    /// Bytes in front of a READ's data in its reply: the header, and for a data chunk its offset.
+    fn read_header_len(&self) -> usize {
+        if self.extended {
+            tx::EXT_REPLY_LEN + 8
+        } else if self.structured {
+            tx::CHUNK_HEADER_LEN + 8
+        } else {
+            tx::SIMPLE_REPLY_LEN
+        }
+    }
+
+    /// Success without data: a simple reply, or with extended headers (which allow no simple
+    /// replies) a final empty chunk echoing the request's offset.
+    fn reply_done(&mut self, cookie: u64, offset: u64) {
+        if self.extended {
+            self.push_out(tx::encode_ext_done(cookie, offset).to_vec());
+        } else {
+            self.push_out(tx::encode_simple_reply(0, cookie).to_vec());
+        }
+    }
+
+    fn reply_extents(&mut self, cookie: u64, offset: u64, ext: &[Extent]) {
+        if self.extended {
+            // Extended headers get the 64-bit descriptors: what they were made for, and what a
+            // client that asked for them handles best.
+            let wide: Vec<(u64, u32)> = ext.iter().map(|&(l, f)| (u64::from(l), f)).collect();
+            let mut b = Vec::with_capacity(tx::EXT_REPLY_LEN + 8 + 16 * ext.len());
+            tx::encode_block_status_ext(&mut b, cookie, offset, META_BASE_ALLOCATION_ID, &wide);
+            return self.push_out(b);
+        }
         let mut b = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 4 + 8 * ext.len());
         tx::encode_block_status(&mut b, cookie, META_BASE_ALLOCATION_ID, ext);
         self.push_out(b);
@@ -945,13 +1047,18 @@ impl<S: Stream> ClientConn<S> {
 
     fn reply_error(&mut self, req: Request, err: NbdErr, msg: &str) {
         let is_read = matches!(req.cmd(), Some(Cmd::Read) | Some(Cmd::BlockStatus));
-        self.error_reply(req.cookie, is_read, err, msg);
+        self.error_reply(req.cookie, req.offset, is_read, err, msg);
     }
 
     /// READ and BLOCK_STATUS get a structured error chunk once structured replies are on (a
     /// simple reply to them would break the client's framing); everything else a simple reply.
-    fn error_reply(&mut self, cookie: u64, is_read: bool, err: NbdErr, msg: &str) {
-        if self.structured && is_read {
+    /// With extended headers every error is a chunk.
+    fn error_reply(&mut self, cookie: u64, offset: u64, is_read: bool, err: NbdErr, msg: &str) {
+        if self.extended {
+            let mut b = Vec::with_capacity(tx::EXT_REPLY_LEN + 6 + msg.len());
+            tx::encode_ext_error_chunk(&mut b, cookie, offset, err as u32, msg);
+            self.push_out(b);
+        } else if self.structured && is_read {
             let mut b = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 6 + msg.len());
             tx::encode_error_chunk(&mut b, cookie, err as u32, msg);
             self.push_out(b);
@@ -1032,6 +1139,21 @@ impl<S: Stream> ClientConn<S> {
         self.out = left;
         self.write_blocked = blocked;
         self.congested = blocked;
+    }
+}
+
+/// The offset of the request a job serves, which an extended reply must echo. Every job but
+/// FLUSH carries it; a FLUSH's is zero (others are refused before they become jobs).
+fn op_offset(op: &Op) -> u64 {
+    match *op {
+        Op::Read { offset, .. }
+        | Op::Write { offset, .. }
+        | Op::Trim { offset, .. }
+        | Op::Zero { offset, .. }
+        | Op::Cache { offset, .. }
+        | Op::Extents { offset, .. }
+        | Op::ReadSparse { offset, .. } => offset,
+        Op::Flush | Op::Send { .. } => 0,
     }
 }
 

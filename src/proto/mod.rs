@@ -15,6 +15,9 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Request and reply magics once NBD_OPT_EXTENDED_HEADERS is agreed (32-byte headers both ways).
+pub const EXT_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXT_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Length of the oldstyle hello: magic, magic, size, flags, 124 zero bytes.
 pub const OLDSTYLE_HELLO_LEN: usize = 152;
@@ -43,6 +46,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only: the length is a payload that follows the header, not an effect length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1;
@@ -50,6 +55,8 @@ pub const CHUNK_NONE: u16 = 0;
 pub const CHUNK_OFFSET_DATA: u16 = 1;
 pub const CHUNK_OFFSET_HOLE: u16 = 2;
 pub const CHUNK_BLOCK_STATUS: u16 = 5;
+/// Block status with 64-bit extent lengths; extended headers only.
+pub const CHUNK_BLOCK_STATUS_EXT: u16 = 6;
 pub const CHUNK_ERROR: u16 = 32769;
 pub const CHUNK_ERROR_OFFSET: u16 = 32770;
 
@@ -129,6 +136,7 @@ wire_enum!(
         ErrShutdown = 0x8000_0007,
         ErrBlockSizeReqd = 0x8000_0008,
         ErrTooBig = 0x8000_0009,
+        ErrExtHeaderReqd = 0x8000_000a,
     }
 );
 

@@ -13,9 +13,13 @@
 //! | Options        | INFO/LIST/STRUCTURED/META   | Options                                |
 //! | Options        | EXTENDED_HEADERS            | Options (32-byte headers from GO on)   |
 //! | Transmission   | request (+ payload)         | Transmission (job or inline reply)     |
-//! | Transmission   | DISC, shutdown              | Draining                               |
+//! | Transmission   | DISC                        | Draining                               |
+//! | Transmission   | bad request magic           | Draining (EINVAL with its cookie first) |
+//! | Transmission   | shutdown / handover         | Transmission, new requests ESHUTDOWN   |
 //! | Draining       | -                           | closed once nothing is in flight/queued |
-//! | any            | EOF, bad magic, I/O error   | closed                                 |
+//! | shutting down  | -                           | closed likewise (handover: socket drained too) |
+//! | any            | EOF                         | Draining if requests are in flight, else closed |
+//! | any            | I/O error                   | closed                                 |
 
 use super::{Ctx, Next, Stream};
 use crate::buffer::OutQueue;

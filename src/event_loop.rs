@@ -1148,7 +1148,7 @@ pub fn set_keepalive(fd: i32) {
 /// cores nbdcopy spent 430-580 ms of CPU per GiB read that way, 250-390 ms against nbdkit,
 /// and read 2.7 GB/s. With 48 KiB from the start of the connection it spent about 285 ms
 /// and the median rate was 3.6-3.9 GB/s (nbdkit 2.9; single copies are bimodal, about 2.5
-/// or 4-5 GB/s, see the README's benchmark notes; 32 and 64 KiB were close, 8 KiB and
+/// or 4-5 GB/s, see bench/README.md; 32 and 64 KiB were close, 8 KiB and
 /// 128 KiB or more were not better than no limit). Set only at a connection's first
 /// offload instead, the same limit made things worse (2.5 GB/s); why is not known.
 /// Clients of small requests never leave that much unsent: random I/O rates did not move.

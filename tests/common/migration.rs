@@ -205,26 +205,33 @@ pub struct Nbdkit {
 }
 
 impl Nbdkit {
-    /// `nbdkit -f -i 127.0.0.1 -p PORT ARGS...` on a free port, once it accepts connections.
+    /// `nbdkit -f -i 127.0.0.1 -p PORT -P PIDFILE ARGS...` on a free port, once it is ready.
+    /// nbdkit writes its pid file only after it has bound the port, so a port taken meanwhile
+    /// by someone else (and answered by them) is never mistaken for ours.
     pub fn start(args: &[&str]) -> Nbdkit {
         require_tool("nbdkit");
+        let dir = TempDir::new("nbdkit");
+        let pidfile = dir.join("nbdkit.pid");
         let mut last = String::new();
         for _ in 0..5 {
             let port = unused_port();
-            let mut full: Vec<String> =
-                ["-f", "-i", "127.0.0.1", "-p", &port.to_string()].map(String::from).into();
+            let mut full: Vec<String> = ["-f", "-i", "127.0.0.1", "-p", &port.to_string(), "-P", s(&pidfile)]
+                .map(String::from)
+                .into();
             full.extend(args.iter().map(|a| a.to_string()));
+            let _ = std::fs::remove_file(&pidfile);
             let child = Command::new("nbdkit")
                 .args(&full)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn nbdkit {full:?}: {e}"));
             let mut k = Nbdkit { child, port, args: full };
             let deadline = Instant::now() + IO_TIMEOUT;
             while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let ours = k.child.id().to_string();
+                if std::fs::read_to_string(&pidfile).is_ok_and(|p| p.trim() == ours) {
                     return k;
                 }
                 if let Ok(Some(st)) = k.child.try_wait() {

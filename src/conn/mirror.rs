@@ -254,8 +254,6 @@ pub struct Mirror {
     /// with that same one, and how many error replies came in all.
     refusal: Option<String>,
     refusal_streak: u32,
-    /// The refusal the streak counts.
-    streak_of: Option<String>,
     dest_errors: u64,
     /// Freezes that ran past `spec.freeze_limit` and were abandoned.
     freezes_abandoned: u32,
@@ -332,7 +330,6 @@ impl Mirror {
             pending_failure: None,
             refusal: None,
             refusal_streak: 0,
-            streak_of: None,
             dest_errors: 0,
             freezes_abandoned: 0,
             dest_flags: 0,
@@ -776,7 +773,7 @@ impl Mirror {
         Ok(outcome)
     }
 
-    /// An error reply: names the command it answers, counts it and keeps it for status.
+    /// An error reply: names the command it answers and counts it (`fail` keeps it for status).
     fn refused(&mut self, cookie: u64, error: u32) -> Failure {
         self.dest_errors += 1;
         let errno = crate::proto::errno_name(error);
@@ -797,7 +794,6 @@ impl Mirror {
                 (format!("UNKNOWN:{errno}"), format!("destination answered an unknown request with {errno}"))
             }
         };
-        self.refusal = Some(what.clone());
         Failure::Refused { what, detail }
     }
 
@@ -1101,19 +1097,14 @@ impl Mirror {
         self.freeze_started = None;
         self.last_failure = Some(f.token());
         match &f {
-            Failure::Refused { what, .. } if self.streak_of.as_ref() == Some(what) => {
-                self.refusal_streak += 1
-            }
             Failure::Refused { what, .. } => {
-                self.refusal_streak = 1;
-                self.streak_of = Some(what.clone());
+                let same = self.refusal_streak > 0 && self.refusal.as_ref() == Some(what);
+                self.refusal_streak = if same { self.refusal_streak + 1 } else { 1 };
+                self.refusal = Some(what.clone());
             }
             // Something else happened in between (a listen that exited, a new one not up yet):
-            // the next refusal starts a new count.
-            _ => {
-                self.refusal_streak = 0;
-                self.streak_of = None;
-            }
+            // the next refusal starts a new count (the last one stays in status).
+            _ => self.refusal_streak = 0,
         }
         let permanent = match f {
             Failure::SizeMismatch { .. } | Failure::ReadOnly => true,

@@ -18,7 +18,6 @@ use crate::export::Export;
 use crate::io_pool::{Completion, IoPool, Op};
 use crate::listener::{Endpoint, Listener, Peer, Socket};
 use crate::net::Target;
-use crate::remote;
 use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
 use crate::{fatal, signals};
@@ -644,17 +643,17 @@ impl Server {
                 let Some(target) = Target::parse(&addr, port) else {
                     return Some((1, "bad IP address".into()));
                 };
-                let bind = match bind.as_deref().map(remote::parse_ip) {
+                let bind = match bind.as_deref().map(crate::net::parse_ip) {
                     None => None,
-                    Some(Err(_)) => return Some((1, "bad bind address".into())),
+                    Some(None) => return Some((1, "bad bind address".into())),
                     // The unspecified address fills the slot when nothing is bound.
-                    Some(Ok(b)) if matches!(target, Target::Unix(_)) => {
+                    Some(Some(b)) if matches!(target, Target::Unix(_)) => {
                         if !b.is_unspecified() {
                             return Some((1, "a bind address does not apply to a Unix socket".into()));
                         }
                         None
                     }
-                    Some(Ok(b)) => Some(SocketAddr::new(b, 0)),
+                    Some(Some(b)) => Some(SocketAddr::new(b, 0)),
                 };
                 let freeze_limit = freeze_limit.unwrap_or(DEFAULT_FREEZE_LIMIT);
                 let spec = MirrorSpec { target, bind, action, max_bps, freeze_limit };
@@ -829,20 +828,10 @@ impl Server {
     /// or HANDOVER_DRAIN has passed.
     fn hand_over_clients(&mut self) {
         self.notify.stopping("migrated away: answering what clients sent with ESHUTDOWN");
-        self.shutdown_deadline = Some(Instant::now() + HANDOVER_DRAIN);
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.core.registry.deregister(&mut l);
-        }
         // Unfrozen only to be refused: `hand_over` makes every request an ESHUTDOWN.
         self.core.frozen = false;
         self.core.held = false;
-        let tokens: Vec<Token> = self.conns.iter().map(|(k, _)| Token(k)).collect();
-        for t in tokens {
-            if let Some(Conn::Client(c)) = self.conns.get_mut(t.0) {
-                c.hand_over();
-            }
-            self.step(t);
-        }
+        self.wind_down(HANDOVER_DRAIN, ClientConn::hand_over);
     }
 
     /// Ends the mirror session, thaws clients and answers everyone waiting on it.
@@ -1033,15 +1022,21 @@ impl Server {
 
     fn begin_shutdown(&mut self) {
         self.notify.stopping("finishing in-flight requests before exiting");
-        self.shutdown_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
         self.peer_grace_until = Some(Instant::now() + PEER_GRACE);
+        self.wind_down(DRAIN_TIMEOUT, ClientConn::shut_down);
+    }
+
+    /// The way out of shutdown and handover alike: no new clients, each client told by `end`
+    /// how to finish, and the process exits once they are gone or `within` has passed.
+    fn wind_down(&mut self, within: Duration, end: fn(&mut ClientConn<Socket>)) {
+        self.shutdown_deadline = Some(Instant::now() + within);
         if let Some(mut l) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut l);
         }
         let tokens: Vec<Token> = self.conns.iter().map(|(k, _)| Token(k)).collect();
         for t in tokens {
             if let Some(Conn::Client(c)) = self.conns.get_mut(t.0) {
-                c.shut_down();
+                end(c);
             }
             self.step(t);
         }

@@ -219,10 +219,10 @@ pub fn resolve(addr: &str, port: u16) -> Result<SocketAddr, Error> {
 
 /// Every address `addr` stands for, in the resolver's order.
 pub fn resolve_all(addr: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
-    let host = addr.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    if let Some(ip) = crate::net::parse_ip(addr) {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
+    let host = addr.trim_start_matches('[').trim_end_matches(']');
     match (host, port).to_socket_addrs() {
         Ok(a) if !host.is_empty() => Ok(a.collect()),
         _ => Err(Error::BadAddress(addr.to_string())),

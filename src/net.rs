@@ -5,9 +5,15 @@
 use crate::listener::Socket;
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
+
+/// An IP address literal, IPv6 with or without brackets (`[::1]`, as in URIs and on the original's
+/// command line). No name resolution: the control protocol carries addresses.
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    s.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
 
 /// Where a migration goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +34,7 @@ impl Target {
         if let Some(p) = addr.strip_prefix(UNIX_PREFIX) {
             return (!p.is_empty()).then(|| Target::Unix(PathBuf::from(p)));
         }
-        let ip = addr.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let ip = parse_ip(addr)?;
         (port > 0).then_some(Target::Tcp(SocketAddr::new(ip, port)))
     }
 }

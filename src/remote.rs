@@ -7,7 +7,7 @@ use crate::proto::handshake::{self as hs, Greeting};
 use crate::proto::transmission::{self as tx, ReadChunk, ReplyHeader, Request};
 use crate::proto::*;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -265,7 +265,7 @@ impl NbdClient {
         match tx::parse_reply_header(&h).map_err(|e| remote(format!("bad reply: {e}")))? {
             Some((ReplyHeader::Simple { error, cookie: c }, _)) if c == cookie => match error {
                 0 => Ok(()),
-                e => Err(remote(format!("server replied with error {e} ({})", crate::proto::errno_name(e)))),
+                e => Err(remote(format!("server replied with error {e} ({})", errno_name(e)))),
             },
             Some((h, _)) => Err(remote(format!("unexpected reply {h:?}"))),
             None => Err(remote("short reply")),
@@ -323,10 +323,6 @@ impl NbdClient {
     fn write_all(&mut self, b: &[u8]) -> Result<(), Error> {
         self.stream.write_all(b).map_err(io_ctx("sending to the server"))
     }
-}
-
-pub fn parse_ip(s: &str) -> Result<IpAddr, Error> {
-    s.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| Error::BadAddress(s.to_string()))
 }
 
 /// Connects over TCP, first binding to `bind` (needed when the server has an ACL). A host name

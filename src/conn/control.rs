@@ -139,9 +139,7 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
             let addr = args[0].clone();
             // Ours: `unix:PATH` (port ignored) for a destination on a Unix socket.
             let unix = addr.strip_prefix(crate::net::UNIX_PREFIX).is_some_and(|p| !p.is_empty());
-            if !unix
-                && addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
-            {
+            if !unix && crate::net::parse_ip(&addr).is_none() {
                 return Err(bad("bad IP address"));
             }
             let port = match args[1].parse::<u16>() {

@@ -9,14 +9,15 @@ use crate::buffer::BufPool;
 use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
-use crate::conn::mirror::{DEFAULT_FREEZE_LIMIT, Mirror, MirrorSpec, Outcome};
+use crate::conn::mirror::{Io, MirrorConn};
 use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
 use crate::deadlines::{Limits, Watch};
-use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
 use crate::io_pool::{Completion, IoPool, Op};
 use crate::listener::{Endpoint, Listener, Peer, Socket};
+use crate::migration::source::{self, Source};
+use crate::migration::{Action, Event};
 use crate::net::Target;
 use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
@@ -75,7 +76,7 @@ pub struct ServeOptions {
 pub enum Conn {
     Client(ClientConn<Socket>),
     Control(ControlConn),
-    Mirror(Box<Mirror>),
+    Mirror(Box<MirrorConn>),
 }
 
 /// Everything but the connections, so a connection can borrow it while the slab is borrowed.
@@ -88,14 +89,12 @@ pub struct Core {
     pub sbuf: Vec<u8>,
     pub migration_done: bool,
     pub num_clients: usize,
-    /// Set while a migration is running: ranges changed since they were last sent.
-    pub dirty: Option<DirtyMap>,
     /// Migration freeze: clients are not read from.
     pub frozen: bool,
     /// Set with `frozen` and cleared by the reactor once it has let the held clients go.
     pub held: bool,
     pub writes_in_flight: usize,
-    /// Client requests received so far: the mirror watches it to notice clients at work.
+    /// Client requests received so far: the migration watches it to notice clients at work.
     pub requests: u64,
     new_sender: Option<ConnId>,
     bufs: BufPool,
@@ -236,7 +235,6 @@ impl Server {
                 sbuf: vec![0u8; SHARED_READ_BUF],
                 migration_done: false,
                 num_clients: 0,
-                dirty: None,
                 frozen: false,
                 held: false,
                 writes_in_flight: 0,
@@ -392,7 +390,7 @@ impl Server {
         }
         let deadlines = self
             .running_mirror()
-            .and_then(|m| m.deadline())
+            .and_then(|m| m.source().deadline(Instant::now()))
             .into_iter()
             .chain(self.release_bufs_at)
             .chain(self.status_at)
@@ -469,7 +467,7 @@ impl Server {
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!("{peer}: cannot set TCP_NODELAY: {e}");
                 }
-                tune_client_socket(stream.as_raw_fd());
+                crate::net::tune_client_socket(stream.as_raw_fd());
             }
             let entry = self.conns.vacant_entry();
             let token = Token(entry.key());
@@ -496,7 +494,7 @@ impl Server {
     /// A client of this `serve` declared itself a migration sender: if it is our own mirror
     /// (through a forwarder or NAT, so `own_mirror_addr` could not tell), end both.
     fn refuse_own_mirror(&mut self) {
-        let Some(own) = self.running_mirror().map(|m| m.sender()) else { return };
+        let Some(own) = self.running_mirror().map(|m| m.source().sender()) else { return };
         // Scan rather than look up the new sender: two declarations in one pass keep only one.
         let Some((k, c)) = self.conns.iter().find_map(|(k, c)| match c {
             Conn::Client(c) if c.declared_sender == Some(own) => Some((k, c)),
@@ -573,8 +571,10 @@ impl Server {
             }
             Some(Conn::Control(_)) => self.control_event(t, readable, writable),
             Some(Conn::Mirror(m)) => {
-                let o = m.on_event(&mut self.core, readable, writable);
-                self.mirror_outcome(o);
+                let io =
+                    Io { registry: &self.core.registry, pool: &self.core.pool, requests: self.core.requests };
+                let acts = m.on_event(&io, readable, writable);
+                self.mirror_actions(acts);
                 Next::Continue
             }
         };
@@ -624,9 +624,7 @@ impl Server {
                 (0, "mirror stopped".into())
             }
             Command::MirrorMaxBps(n) => {
-                if let Some(m) = self.running_mirror_mut() {
-                    m.set_max_bps(n);
-                }
+                self.mirror_feed(Event::MaxBps(n));
                 (0, "updated".into())
             }
             Command::MirrorWait => {
@@ -655,8 +653,16 @@ impl Server {
                     }
                     Some(Some(b)) => Some(SocketAddr::new(b, 0)),
                 };
-                let freeze_limit = freeze_limit.unwrap_or(DEFAULT_FREEZE_LIMIT);
-                let spec = MirrorSpec { target, bind, action, max_bps, freeze_limit };
+                let request_limit = std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(source::DEFAULT_REQUEST_LIMIT, Duration::from_secs);
+                let spec = source::Spec {
+                    target: target.to_string(),
+                    max_bps,
+                    freeze_limit: freeze_limit.unwrap_or(source::DEFAULT_FREEZE_LIMIT),
+                    request_limit,
+                };
                 self.last_mirror_error = None;
                 let entry = self.conns.vacant_entry();
                 let token = Token(entry.key());
@@ -664,7 +670,8 @@ impl Server {
                 // Who we are to the destination: the same for every attempt of this migration,
                 // different for any other (here or in another process).
                 let sender = self.core.cfg.instance_id ^ id.generation.rotate_left(32);
-                let mut m = Mirror::new(spec, id, from, sender);
+                let src = Source::new(spec, id.to_string(), self.core.export.size(), sender, Instant::now());
+                let mut m = MirrorConn::new(id, src, target, bind, action, from);
                 m.wait_after_start = wait;
                 entry.insert(Conn::Mirror(Box::new(m)));
                 self.mirror = Some(token);
@@ -687,14 +694,15 @@ impl Server {
             !self.core.cfg.listen,
         );
         if let Some(m) = self.running_mirror() {
-            let speed = m.speed();
-            let left = m.bytes_left(&self.core);
+            let src = m.source();
+            let speed = src.speed(Instant::now());
+            let left = src.bytes_left();
             let secs_left = left.checked_div(speed).unwrap_or(0);
             s += &format!(
                 " migration_speed={speed} migration_duration={} migration_seconds_left={secs_left} migration_bytes_left={left}",
-                m.began.elapsed().as_secs()
+                src.began().elapsed().as_secs()
             );
-            s += &m.status_fields();
+            s += &src.status_fields();
         } else if let Some(e) = &self.last_mirror_error {
             s += e;
         }
@@ -702,14 +710,14 @@ impl Server {
     }
 
     /// The mirror connection, while one runs.
-    fn running_mirror(&self) -> Option<&Mirror> {
+    fn running_mirror(&self) -> Option<&MirrorConn> {
         match self.mirror.and_then(|t| self.conns.get(t.0)) {
             Some(Conn::Mirror(m)) => Some(m),
             _ => None,
         }
     }
 
-    fn running_mirror_mut(&mut self) -> Option<&mut Mirror> {
+    fn running_mirror_mut(&mut self) -> Option<&mut MirrorConn> {
         match self.mirror.and_then(|t| self.conns.get_mut(t.0)) {
             Some(Conn::Mirror(m)) => Some(m),
             _ => None,
@@ -728,14 +736,15 @@ impl Server {
         }
         let line = match self.running_mirror() {
             Some(m) => {
+                let src = m.source();
                 let size = self.core.export.size();
-                let left = m.bytes_left(&self.core).min(size);
+                let left = src.bytes_left().min(size);
                 let done = if size > 0 { 100.0 * (size - left) as f64 / size as f64 } else { 100.0 };
-                let retry = if m.retrying() { ", retrying" } else { "" };
+                let retry = if src.retrying() { ", retrying" } else { "" };
                 format!(
                     "migrating to {}: {done:.1}% done, {left} bytes left at {} B/s{retry}",
-                    m.spec.target,
-                    m.speed()
+                    src.spec().target,
+                    src.speed(now)
                 )
             }
             None => self.idle_status.clone(),
@@ -745,59 +754,74 @@ impl Server {
     }
 
     fn mirror_tick(&mut self) {
-        let Some(t) = self.mirror else { return };
-        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return };
-        let o = m.tick(&mut self.core);
-        self.mirror_outcome(o);
+        self.mirror_feed(Event::Tick);
     }
 
-    /// Acts on what the mirror reported.
-    fn mirror_outcome(&mut self, o: Outcome) {
+    /// Gives the running migration an event and carries out what it asks of the server.
+    fn mirror_feed(&mut self, ev: Event<'_>) {
         let Some(t) = self.mirror else { return };
-        let start_waiter = |conns: &mut Slab<Conn>| match conns.get_mut(t.0) {
-            Some(Conn::Mirror(m)) => m.start_waiter.take(),
-            _ => None,
-        };
-        match o {
-            Outcome::None => {}
-            Outcome::Started => {
-                let w = start_waiter(&mut self.conns);
-                let keep = match self.conns.get_mut(t.0) {
-                    Some(Conn::Mirror(m)) if m.wait_after_start => {
-                        m.waiters.extend(w);
-                        true
+        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return };
+        let io = Io { registry: &self.core.registry, pool: &self.core.pool, requests: self.core.requests };
+        let acts = m.feed(&io, ev);
+        self.mirror_actions(acts);
+    }
+
+    /// Carries out what the migration asked of the server, in order.
+    fn mirror_actions(&mut self, acts: Vec<Action>) {
+        for a in acts {
+            let Some(t) = self.mirror else { return };
+            match a {
+                Action::Hold => {
+                    self.core.frozen = true;
+                    self.core.held = true;
+                    if self.core.writes_in_flight == 0 {
+                        self.mirror_feed(Event::ClientWritesIdle);
                     }
-                    _ => false,
-                };
-                if !keep {
-                    return self.reply_to(w, "0: Migration started");
                 }
-                // `mirror --wait`: the first line now, the session stays for the final one.
-                if let Some(w) = w
-                    && let Some(Conn::Control(c)) = self.conns.get_mut(w.0)
-                    && c.interim(&self.core.registry, &(0, "Migration started".into())) == Next::Close
-                {
-                    self.close(w);
+                // The reactor's loop steps the held clients (see release_held).
+                Action::Release => self.core.frozen = false,
+                Action::Started => self.mirror_started(t),
+                Action::GaveUp(msg) => {
+                    self.last_mirror_error = self.running_mirror().map(|m| m.source().gave_up_fields());
+                    self.stop_mirror(&format!("1: {msg}"));
                 }
+                Action::HandedOver => {
+                    let Some(Conn::Mirror(m)) = self.conns.get(t.0) else { return };
+                    let action = m.action;
+                    info!("migration to {} complete", m.target());
+                    if action == MirrorAction::Unlink {
+                        self.unlink_served_file();
+                    }
+                    // Set before stop_mirror: once handed over, clients must never run again here.
+                    self.handed_over = action != MirrorAction::Nothing;
+                    self.stop_mirror("0: migration complete");
+                    if self.handed_over {
+                        self.hand_over_clients();
+                    }
+                }
+                // The connection's own actions never reach here.
+                Action::Connect
+                | Action::Send(_)
+                | Action::Read { .. }
+                | Action::Recycle(_)
+                | Action::Disconnect => {}
             }
-            Outcome::GaveUp(msg) => {
-                self.last_mirror_error = self.running_mirror().map(Mirror::gave_up_fields);
-                self.stop_mirror(&format!("1: {msg}"));
-            }
-            Outcome::HandedOver => {
-                let Some(Conn::Mirror(m)) = self.conns.get(t.0) else { return };
-                let action = m.spec.action;
-                info!("migration to {} complete", m.spec.target);
-                if action == MirrorAction::Unlink {
-                    self.unlink_served_file();
-                }
-                // Set before stop_mirror: once handed over, clients must never run again here.
-                self.handed_over = action != MirrorAction::Nothing;
-                self.stop_mirror("0: migration complete");
-                if self.handed_over {
-                    self.hand_over_clients();
-                }
-            }
+        }
+    }
+
+    /// "Migration started": the `mirror` client hears it now, and with `--wait` stays for the end.
+    fn mirror_started(&mut self, t: Token) {
+        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return };
+        let w = m.start_waiter.take();
+        if !m.wait_after_start {
+            return self.reply_to(w, "0: Migration started");
+        }
+        m.waiters.extend(w);
+        if let Some(w) = w
+            && let Some(Conn::Control(c)) = self.conns.get_mut(w.0)
+            && c.interim(&self.core.registry, &(0, "Migration started".into())) == Next::Close
+        {
+            self.close(w);
         }
     }
 
@@ -845,7 +869,6 @@ impl Server {
                 self.reply_to(Some(w), waiter_reply);
             }
         }
-        self.core.dirty = None;
         self.thaw();
     }
 
@@ -950,16 +973,22 @@ impl Server {
                 self.write_failure = Some(e.to_string());
             }
             // Counted and mirrored whoever asked, even a client that has gone since.
-            if let Some((off, len)) = c.modified_range() {
+            if let Some((offset, len)) = c.modified_range() {
                 self.core.writes_in_flight -= 1;
-                if let Some(d) = self.core.dirty.as_mut() {
-                    d.mark(off, len);
+                self.mirror_feed(Event::ClientWrote { offset, len });
+                if self.core.frozen && self.core.writes_in_flight == 0 {
+                    self.mirror_feed(Event::ClientWritesIdle);
                 }
             }
             match self.conns.get_mut(id.token.0) {
                 Some(Conn::Mirror(m)) if m.id == id => {
-                    let o = m.complete(&mut self.core, c);
-                    self.mirror_outcome(o);
+                    let io = Io {
+                        registry: &self.core.registry,
+                        pool: &self.core.pool,
+                        requests: self.core.requests,
+                    };
+                    let acts = m.complete(&io, c);
+                    self.mirror_actions(acts);
                 }
                 Some(Conn::Client(conn)) if conn.id == id => {
                     let mut ctx = self.core.ctx();
@@ -1111,50 +1140,6 @@ impl Server {
     }
 }
 
-/// An integer socket option; failures are left to the caller's defaults (an option a socket
-/// does not support is simply not applied).
-fn set_int_opt(fd: i32, level: libc::c_int, opt: libc::c_int, val: libc::c_int) {
-    // SAFETY: setsockopt with a pointer to a live c_int of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-/// SO_KEEPALIVE with the original's timings, so a vanished peer is noticed.
-pub fn set_keepalive(fd: i32) {
-    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-}
-
-/// How much written-but-untransmitted data a client's socket may hold (TCP_NOTSENT_LOWAT).
-///
-/// Without a limit a streaming reader's socket takes megabytes that wait for the client's
-/// receive window, and the client then transmits them itself: each ACK its reads send
-/// pushes our queued segments, so our half of TCP runs on the client's threads, in its
-/// softirqs (perf: nbdcopy's recv -> ACK -> tcp_ack -> __tcp_push_pending_frames). On 2
-/// cores nbdcopy spent 430-580 ms of CPU per GiB read that way, 250-390 ms against nbdkit,
-/// and read 2.7 GB/s. With 48 KiB from the start of the connection it spent about 285 ms
-/// and the median rate was 3.6-3.9 GB/s (nbdkit 2.9; single copies are bimodal, about 2.5
-/// or 4-5 GB/s, see bench/README.md; 32 and 64 KiB were close, 8 KiB and
-/// 128 KiB or more were not better than no limit). Set only at a connection's first
-/// offload instead, the same limit made things worse (2.5 GB/s); why is not known.
-/// Clients of small requests never leave that much unsent: random I/O rates did not move.
-const NOTSENT_LOWAT: libc::c_int = 48 * 1024;
-
-/// The options every accepted client socket gets (TCP_NODELAY is set through std).
-fn tune_client_socket(fd: i32) {
-    set_keepalive(fd);
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, NOTSENT_LOWAT);
-}
-
 /// A random number from the kernel (instance ids); time and pid if that fails.
 fn random_u64() -> u64 {
     use std::io::Read;
@@ -1184,29 +1169,4 @@ fn raise_nofile_limit() {
 
 pub fn serve(o: ServeOptions) -> Result<i32, Error> {
     Server::new(o)?.run()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn get_int_opt(fd: i32, level: libc::c_int, opt: libc::c_int) -> libc::c_int {
-        let mut v: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into a live c_int with its size.
-        let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
-        assert_eq!(r, 0, "getsockopt: {}", io::Error::last_os_error());
-        v
-    }
-
-    #[test]
-    fn accepted_client_sockets_get_keepalive_and_a_short_unsent_queue() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let _c = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let (s, _) = l.accept().expect("accept");
-        tune_client_socket(s.as_raw_fd());
-        assert_eq!(get_int_opt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT), NOTSENT_LOWAT);
-        assert_eq!(get_int_opt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
-        assert_eq!(get_int_opt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
-    }
 }

@@ -120,6 +120,12 @@ wire_enum!(
     }
 );
 
+/// A bit in a flexnbd `listen` server's answer to FlexnbdSender (8 bytes, big-endian): it counts
+/// FUA writes as durable for the handover, so a source may send its final pass with FUA and
+/// skip the final FLUSH. Older sources ignore the answer's payload, older destinations send
+/// none, so each side falls back to the final FLUSH.
+pub const SENDER_FEATURE_FUA_HANDOVER: u64 = 1;
+
 wire_enum!(
     /// NBD_REP_* option reply types.
     RepType: u32 {

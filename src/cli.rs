@@ -116,20 +116,13 @@ pub enum MultiConn {
 }
 
 impl MultiConn {
-    /// Most CPUs at which `auto` leaves the flag off. Our connections are all read by the one
-    /// reactor thread, so a second connection adds no parallelism on our side; what it adds is a
-    /// second client thread (nbdcopy runs one per connection), and on two CPUs that thread and
-    /// ours take turns on the same cores and pass every payload between them. Measured with
-    /// nbdcopy on loopback, 2 CPUs: one connection writes 1 GiB at 2,222 MB/s against 1,929 with
-    /// two, and reads at 3,938 against 3,225.
-    pub const AUTO_OFF_MAX_CPUS: usize = 2;
-
-    /// Whether to advertise multi-conn on a host with `cpus` CPUs available to us.
-    pub fn advertise(self, cpus: usize) -> bool {
+    /// What the server is told: `None` leaves it to the CPU count (see
+    /// `event_loop::advertise_multi_conn`).
+    pub fn choice(self) -> Option<bool> {
         match self {
-            MultiConn::On => true,
-            MultiConn::Off => false,
-            MultiConn::Auto => cpus > Self::AUTO_OFF_MAX_CPUS,
+            MultiConn::On => Some(true),
+            MultiConn::Off => Some(false),
+            MultiConn::Auto => None,
         }
     }
 }
@@ -263,14 +256,5 @@ mod tests {
         for bad in ["", "8", "1000", "+600", "rw"] {
             assert!(parse_mode(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn multi_conn_auto_follows_the_cpu_count_and_on_off_override_it() {
-        assert!(!MultiConn::Auto.advertise(1));
-        assert!(!MultiConn::Auto.advertise(2));
-        assert!(MultiConn::Auto.advertise(3));
-        assert!(MultiConn::On.advertise(1));
-        assert!(!MultiConn::Off.advertise(64));
     }
 }

@@ -32,5 +32,6 @@ pub mod proto;
 pub mod remote;
 pub mod sender;
 pub mod signals;
+pub mod sys;
 pub mod systemd;
 pub mod token;

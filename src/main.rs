@@ -178,7 +178,7 @@ fn serve(a: ServeArgs, listen: bool, inherited: Vec<std::os::fd::OwnedFd>) -> Re
         read_only: a.read_only,
         listen,
         workers: a.workers as usize,
-        multi_conn: a.multi_conn,
+        multi_conn: a.multi_conn.choice(),
         limits: Limits::from_secs(a.handshake_limit, a.stall_limit, a.max_clients as usize),
         payload_budget: a.payload_budget.unwrap_or_else(|| budget::default_limit(budget::host_ram())),
     })?;

@@ -437,6 +437,17 @@ impl mio::event::Source for Socket {
     }
 }
 
+/// Starts a non-blocking connect to `target` for the reactor; it is done once the socket is
+/// writable and `Socket::connected` says so. `bind` applies to TCP only.
+pub fn connect_nonblocking(target: &crate::net::Target, bind: Option<SocketAddr>) -> io::Result<Socket> {
+    match target {
+        crate::net::Target::Tcp(a) => {
+            Ok(Socket::Tcp(mio::net::TcpStream::from_std(crate::net::connect(*a, bind, true)?)))
+        }
+        crate::net::Target::Unix(p) => Ok(Socket::Unix(mio::net::UnixStream::connect(p)?)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

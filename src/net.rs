@@ -2,7 +2,6 @@
 //! blocking (CLI clients) or non-blocking (the mirror on the reactor), and the mirror's Unix
 //! socket destinations.
 
-use crate::listener::Socket;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -45,15 +44,6 @@ impl fmt::Display for Target {
             Target::Tcp(a) => write!(f, "{a}"),
             Target::Unix(p) => write!(f, "{UNIX_PREFIX}{}", p.display()),
         }
-    }
-}
-
-/// Starts a non-blocking connect to `target` for the reactor; it is done once the socket is
-/// writable and `Socket::connected` says so. `bind` applies to TCP only.
-pub fn connect_nonblocking(target: &Target, bind: Option<SocketAddr>) -> io::Result<Socket> {
-    match target {
-        Target::Tcp(a) => Ok(Socket::Tcp(mio::net::TcpStream::from_std(connect(*a, bind, true)?))),
-        Target::Unix(p) => Ok(Socket::Unix(mio::net::UnixStream::connect(p)?)),
     }
 }
 

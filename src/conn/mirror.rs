@@ -267,7 +267,7 @@ impl MirrorConn {
 
     fn connect(&mut self, registry: &Registry) -> io::Result<()> {
         self.teardown(registry);
-        let mut s = crate::net::connect_nonblocking(&self.target, self.bind)?;
+        let mut s = crate::listener::connect_nonblocking(&self.target, self.bind)?;
         let _ = s.set_nodelay(true);
         registry.register(&mut s, self.id.token, Interest::READABLE | Interest::WRITABLE)?;
         self.registered = Some(Interest::READABLE | Interest::WRITABLE);

@@ -1147,3 +1147,247 @@ fn rep_error_name(rep: u32) -> String {
         _ => format!("{rep:#x}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::handshake as hs;
+    use crate::proto::transmission as tx;
+
+    const SIZE: u64 = 4 * CHUNK;
+
+    /// A scripted destination around a source: what it was sent, parsed; time moves by hand.
+    struct Bench {
+        src: Source,
+        now: Instant,
+        acts: Vec<Action>,
+        /// Bytes sent to the destination and not yet parsed.
+        wire: Vec<u8>,
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let now = Instant::now();
+            let spec = Spec {
+                target: "dest".into(),
+                max_bps: None,
+                freeze_limit: DEFAULT_FREEZE_LIMIT,
+                request_limit: DEFAULT_REQUEST_LIMIT,
+            };
+            Bench {
+                src: Source::new(spec, "t".into(), SIZE, 7, now),
+                now,
+                acts: Vec::new(),
+                wire: Vec::new(),
+            }
+        }
+
+        fn ev(&mut self, ev: Event<'_>) {
+            let seen = self.acts.len();
+            self.src.handle(self.now, ev, &mut self.acts);
+            for a in &self.acts[seen..] {
+                if let Action::Send(b) = a {
+                    self.wire.extend_from_slice(b);
+                }
+            }
+        }
+
+        fn take(&mut self) -> Vec<Action> {
+            std::mem::take(&mut self.acts)
+        }
+
+        /// Connects and negotiates with a newstyle destination of these flags and features.
+        fn start(&mut self, flags: u16, features: u64) {
+            self.ev(Event::Tick);
+            assert_eq!(self.take(), vec![Action::Connect]);
+            self.ev(Event::Connected);
+            let mut g = Vec::new();
+            hs::encode_newstyle_greeting(&mut g, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+            self.ev(Event::Received(&g));
+            self.take();
+            self.wire.clear();
+            let mut r = Vec::new();
+            hs::encode_option_reply(
+                &mut r,
+                OptCode::FlexnbdSender as u32,
+                RepType::Ack,
+                &features.to_be_bytes(),
+            );
+            hs::encode_option_reply(
+                &mut r,
+                OptCode::FlexnbdMigrate as u32,
+                RepType::Ack,
+                &42u64.to_be_bytes(),
+            );
+            hs::encode_option_reply(&mut r, OptCode::Go as u32, RepType::Info, &hs::info_export(SIZE, flags));
+            hs::encode_option_reply(&mut r, OptCode::Go as u32, RepType::Ack, &[]);
+            self.ev(Event::Received(&r));
+        }
+
+        /// Completes every read asked for with data, returns what was read.
+        fn complete_reads(&mut self) -> usize {
+            let reads: Vec<(u32, u64, usize)> = self
+                .take()
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Read { attempt, offset, len } => Some((attempt, offset, len)),
+                    _ => None,
+                })
+                .collect();
+            for &(attempt, offset, len) in &reads {
+                let result = Ok(vec![(len as u32, 0)]);
+                self.ev(Event::ReadDone { attempt, offset, len, result, buf: vec![1; len] });
+            }
+            reads.len()
+        }
+
+        /// Answers every whole request on the wire with success; returns them.
+        fn answer_all(&mut self) -> Vec<tx::Request> {
+            let mut reqs = Vec::new();
+            let mut pos = 0;
+            while let Ok(Some((r, used))) = tx::parse_request(&self.wire[pos..]) {
+                let payload = if r.kind == Cmd::Write as u16 { r.len as usize } else { 0 };
+                pos += used + payload;
+                reqs.push(r);
+            }
+            self.wire.drain(..pos);
+            let mut replies = Vec::new();
+            for r in &reqs {
+                if r.kind != Cmd::Disc as u16 {
+                    replies.extend_from_slice(&tx::encode_simple_reply(0, r.cookie));
+                }
+            }
+            if !replies.is_empty() {
+                self.ev(Event::Received(&replies));
+            }
+            reqs
+        }
+
+        /// Runs reads and replies until the source holds clients; returns every request.
+        fn copy_until_frozen(&mut self) -> Vec<tx::Request> {
+            let mut all = Vec::new();
+            for _ in 0..100 {
+                if self.src.frozen() {
+                    return all;
+                }
+                self.complete_reads();
+                all.extend(self.answer_all());
+            }
+            panic!("never froze: {:?} {:?}", self.src.state, self.src.history);
+        }
+    }
+
+    fn kinds(reqs: &[tx::Request]) -> Vec<u16> {
+        reqs.iter().map(|r| r.kind).collect()
+    }
+
+    const FLAGS: u16 = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+
+    #[test]
+    fn the_final_pass_goes_with_fua_and_no_flush_where_the_destination_counts_it() {
+        let mut b = Bench::new();
+        b.start(FLAGS, SENDER_FEATURE_FUA_HANDOVER);
+        assert!(b.acts.contains(&Action::Started));
+        let before = b.copy_until_frozen();
+        assert!(kinds(&before).contains(&(Cmd::Flush as u16)), "a checkpoint covers the passes");
+        // A client write lands during the last pass; then clients are quiet.
+        b.ev(Event::ClientWrote { offset: 4096, len: 4096 });
+        b.ev(Event::ClientWritesIdle);
+        b.complete_reads();
+        let last = b.answer_all();
+        assert_eq!(kinds(&last), vec![Cmd::Write as u16], "the final pass: {last:?}");
+        assert_eq!(last[0].flags & CMD_FLAG_FUA, CMD_FLAG_FUA, "sent with FUA");
+        let end = b.answer_all();
+        assert_eq!(kinds(&end), vec![Cmd::Disc as u16], "no FLUSH before the goodbye");
+        b.take();
+        b.ev(Event::Drained);
+        assert_eq!(b.take(), vec![Action::Disconnect, Action::HandedOver]);
+    }
+
+    #[test]
+    fn without_the_feature_the_final_pass_is_flushed_before_the_goodbye() {
+        let mut b = Bench::new();
+        b.start(FLAGS, 0);
+        b.copy_until_frozen();
+        b.ev(Event::ClientWrote { offset: 0, len: 512 });
+        b.ev(Event::ClientWritesIdle);
+        b.complete_reads();
+        let last = b.answer_all();
+        assert_eq!(last[0].flags & CMD_FLAG_FUA, 0);
+        assert_eq!(kinds(&b.answer_all()), vec![Cmd::Flush as u16]);
+        assert_eq!(kinds(&b.answer_all()), vec![Cmd::Disc as u16]);
+    }
+
+    #[test]
+    fn a_freeze_past_its_limit_releases_clients_and_retries() {
+        let mut b = Bench::new();
+        b.start(FLAGS, SENDER_FEATURE_FUA_HANDOVER);
+        b.copy_until_frozen();
+        assert!(b.take().contains(&Action::Hold));
+        b.ev(Event::ClientWrote { offset: 0, len: 512 });
+        b.ev(Event::ClientWritesIdle);
+        b.complete_reads();
+        b.take();
+        // The destination never answers the final pass.
+        b.now += DEFAULT_FREEZE_LIMIT;
+        assert_eq!(b.src.deadline(b.now), Some(b.now));
+        b.ev(Event::Tick);
+        assert_eq!(b.take(), vec![Action::Disconnect, Action::Release]);
+        assert_eq!(b.src.freezes_abandoned(), 1);
+        assert!(b.src.retrying());
+        assert!(b.src.status_fields().contains("migration_last_failure=freeze_deadline"));
+    }
+
+    #[test]
+    fn a_hello_and_a_close_in_one_read_is_a_failure_after_the_hello() {
+        let mut b = Bench::new();
+        b.ev(Event::Tick);
+        b.ev(Event::Connected);
+        b.take();
+        let mut g = Vec::new();
+        hs::encode_oldstyle_hello(&mut g, SIZE, u32::from(TF_HAS_FLAGS | TF_SEND_FLUSH));
+        b.ev(Event::Received(&g));
+        b.ev(Event::Closed);
+        let acts = b.take();
+        assert_eq!(acts.first(), Some(&Action::Started), "{acts:?}");
+        assert!(acts.contains(&Action::Disconnect));
+        assert!(!acts.iter().any(|a| matches!(a, Action::GaveUp(_))), "retried, not rejected: {acts:?}");
+        assert!(b.src.retrying());
+    }
+
+    #[test]
+    fn zeroes_go_as_writes_to_a_destination_without_write_zeroes() {
+        let mut b = Bench::new();
+        b.start(TF_HAS_FLAGS | TF_SEND_FLUSH, 0);
+        let reads: Vec<Action> = b.take();
+        let Some(Action::Read { attempt, offset, len }) =
+            reads.into_iter().find(|a| matches!(a, Action::Read { .. }))
+        else {
+            panic!("no read");
+        };
+        b.ev(Event::ReadDone {
+            attempt,
+            offset,
+            len,
+            result: Ok(vec![(len as u32, STATE_HOLE)]),
+            buf: vec![0; len],
+        });
+        let reqs = b.answer_all();
+        assert!(kinds(&reqs).iter().all(|k| *k == Cmd::Write as u16), "{reqs:?}");
+    }
+
+    #[test]
+    fn a_read_from_an_ended_attempt_is_recycled_and_ignored() {
+        let mut b = Bench::new();
+        b.start(FLAGS, 0);
+        let Some(Action::Read { attempt, offset, len }) =
+            b.take().into_iter().find(|a| matches!(a, Action::Read { .. }))
+        else {
+            panic!("no read");
+        };
+        b.ev(Event::Closed);
+        b.take();
+        b.ev(Event::ReadDone { attempt, offset, len, result: Ok(vec![(len as u32, 0)]), buf: vec![1; 8] });
+        assert_eq!(b.take(), vec![Action::Recycle(vec![1; 8])]);
+    }
+}

@@ -169,8 +169,17 @@ pub struct MirrorArgs {
     /// retried (seconds, fractions allowed; default 2)
     #[arg(long = "freeze-limit", value_name = "SECS", value_parser = parse_freeze_limit)]
     pub freeze_limit: Option<std::time::Duration>,
+    /// How client writes reach the destination: auto (background passes, then active once
+    /// they stop shrinking), background, or active (each write also goes to the destination
+    /// and is acknowledged once it has it)
+    #[arg(long = "mode", value_name = "MODE", value_parser = parse_mode_arg)]
+    pub mode: Option<crate::migration::Mode>,
     #[command(flatten)]
     pub log: LogOpts,
+}
+
+fn parse_mode_arg(s: &str) -> Result<crate::migration::Mode, String> {
+    crate::migration::Mode::parse(s).ok_or_else(|| format!("{s:?} is not one of auto, background, active"))
 }
 
 /// Seconds as a positive decimal, at most an hour, to whole milliseconds.

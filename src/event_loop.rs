@@ -23,7 +23,7 @@ use crate::export::Export;
 use crate::io_pool::{Completion, IoPool, Op};
 use crate::listener::{Endpoint, Listener, Peer, Socket};
 use crate::migration::source::{self, Source};
-use crate::migration::{Action, Event};
+use crate::migration::{Action, Event, Written};
 use crate::net::Target;
 use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
@@ -32,6 +32,7 @@ use log::{debug, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
@@ -156,6 +157,12 @@ pub struct Server {
     watch: Watch,
     /// When shutdown stops waiting on peers (see PEER_GRACE).
     peer_grace_until: Option<Instant>,
+    /// Client write completions held back until the migration's destination has the write
+    /// too (active mirroring), by ticket; `ticket` numbers them.
+    delayed: HashMap<u64, Completion>,
+    ticket: u64,
+    /// The migration asked to hold back the completion just reported.
+    delay_asked: bool,
 }
 
 impl Server {
@@ -425,9 +432,14 @@ impl Server {
             // Counted and mirrored whoever asked, even a client that has gone since.
             if let Some((offset, len)) = c.modified_range() {
                 self.core.writes_in_flight -= 1;
-                self.mirror_feed(Event::ClientWrote { offset, len });
+                let delayed = self.mirror.is_some() && self.client_wrote(offset, len, &c);
                 if self.core.frozen && self.core.writes_in_flight == 0 {
                     self.mirror_feed(Event::ClientWritesIdle);
+                }
+                if delayed {
+                    // Answered once the destination has it too (active mirroring).
+                    self.delayed.insert(self.ticket, c);
+                    continue;
                 }
             }
             match self.conns.get_mut(id.token.0) {
@@ -448,12 +460,7 @@ impl Server {
                     }
                 }
                 // The connection went away (or its slot was reused) while the disk worked.
-                _ => {
-                    debug!("{id}: dropping completion for a closed connection");
-                    if let Op::Write { .. } = c.job.op {
-                        self.core.budget.release(c.job.buf.len());
-                    }
-                }
+                _ => self.drop_completion(c),
             }
         }
         self.completions = done;
@@ -462,6 +469,26 @@ impl Server {
         // One flush per connection covers every reply this drain produced (one writev).
         for t in touched {
             self.step(t);
+        }
+    }
+
+    fn drop_completion(&mut self, c: Completion) {
+        debug!("{}: dropping completion for a closed connection", c.job.conn);
+        if let Op::Write { .. } = c.job.op {
+            self.core.budget.release(c.job.buf.len());
+        }
+    }
+
+    /// A client completion held back by the migration (see `delayed`) goes to its client.
+    fn deliver_late(&mut self, c: Completion) {
+        let id = c.job.conn;
+        match self.conns.get_mut(id.token.0) {
+            Some(Conn::Client(conn)) if conn.id == id => {
+                let mut ctx = self.core.ctx();
+                conn.complete(&mut ctx, c);
+                self.step(id.token);
+            }
+            _ => self.drop_completion(c),
         }
     }
 

@@ -131,6 +131,7 @@ fn mirror_request(a: &MirrorArgs) -> Result<Vec<String>, Error> {
         max_bps: a.max_bps,
         wait: a.wait,
         freeze_limit: a.freeze_limit,
+        mode: a.mode,
     };
     Ok(req.slots())
 }

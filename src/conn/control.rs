@@ -11,6 +11,7 @@
 
 use super::Next;
 use crate::error::Error;
+use crate::migration::Mode;
 use log::{debug, info};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -41,6 +42,8 @@ pub enum Command {
         wait: bool,
         /// Ours: the longest freeze before an attempt is abandoned.
         freeze_limit: Option<Duration>,
+        /// Ours: how client writes reach the destination (`mode=auto|background|active`).
+        mode: Option<Mode>,
     },
     MirrorMaxBps(u64),
     /// Ours: reply only when the running migration ends (used by `mirror --wait`).
@@ -131,9 +134,9 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
             _ => Err(bad("mirror_max_bps takes one argument")),
         },
         "mirror" => {
-            if args.len() < 2 || args.len() > 7 {
+            if args.len() < 2 || args.len() > 8 {
                 return Err(bad(
-                    "mirror takes addr, port, [action], [bind], [max_bps], then [wait] and [freeze_limit_ms=N]",
+                    "mirror takes addr, port, [action], [bind], [max_bps], then [wait], [freeze_limit_ms=N] and [mode=M]",
                 ));
             }
             let addr = args[0].clone();
@@ -165,7 +168,7 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                     .filter(|&n| n > 0 && n != u64::MAX),
             };
             // Our own slots, after the original's five: each a word or key=value.
-            let (mut wait, mut freeze_limit) = (false, None);
+            let (mut wait, mut freeze_limit, mut mode) = (false, None, None);
             for opt in args.iter().skip(5) {
                 match opt.split_once('=') {
                     None if opt.is_empty() => {}
@@ -174,10 +177,11 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                         Ok(ms) if ms > 0 => freeze_limit = Some(Duration::from_millis(ms)),
                         _ => return Err(bad("bad freeze limit")),
                     },
+                    Some(("mode", m)) => mode = Some(Mode::parse(m).ok_or_else(|| bad("bad mirror mode"))?),
                     _ => return Err(bad("unknown mirror option")),
                 }
             }
-            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit })
+            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit, mode })
         }
         other => Err(RequestError::Unknown(other.chars().take(64).collect())),
     }
@@ -210,6 +214,7 @@ pub struct MirrorRequest {
     pub max_bps: Option<u64>,
     pub wait: bool,
     pub freeze_limit: Option<Duration>,
+    pub mode: Option<Mode>,
 }
 
 /// "No speed limit" in a speed slot: the original parses it as UINT64_MAX (its own default),
@@ -226,6 +231,9 @@ impl MirrorRequest {
         }
         if let Some(f) = self.freeze_limit {
             ours.push(format!("freeze_limit_ms={}", f.as_millis().max(1)));
+        }
+        if let Some(m) = self.mode {
+            ours.push(format!("mode={}", m.as_str()));
         }
         if self.bind.is_some() || self.max_bps.is_some() || !ours.is_empty() {
             // Binding to the unspecified address is what not binding means.
@@ -504,10 +512,20 @@ mod tests {
                 max_bps: Some(5),
                 wait: false,
                 freeze_limit: None,
+                mode: None,
             })
         );
-        let full =
-            ["mirror", "::1", "4000", "exit", "::", "18446744073709551615", "wait", "freeze_limit_ms=500"];
+        let full = [
+            "mirror",
+            "::1",
+            "4000",
+            "exit",
+            "::",
+            "18446744073709551615",
+            "wait",
+            "freeze_limit_ms=500",
+            "mode=active",
+        ];
         assert_eq!(
             parse_command(&lines(&full)),
             Ok(Command::Mirror {
@@ -518,9 +536,10 @@ mod tests {
                 max_bps: None,
                 wait: true,
                 freeze_limit: Some(Duration::from_millis(500)),
+                mode: Some(Mode::Active),
             })
         );
-        for bad in ["freeze_limit_ms=0", "freeze_limit_ms=x", "later"] {
+        for bad in ["freeze_limit_ms=0", "freeze_limit_ms=x", "later", "mode=fast"] {
             let req = lines(&["mirror", "::1", "4000", "exit", "::", "0", bad]);
             assert!(matches!(parse_command(&req), Err(RequestError::BadArgs(_))), "{bad}");
         }

@@ -7,7 +7,7 @@ use super::*;
 impl Server {
     /// `mirror`: starts a migration to the requested destination; its answer comes later.
     pub(super) fn start_mirror(&mut self, from: Token, cmd: Command) -> Option<(u32, String)> {
-        let Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit } = cmd else {
+        let Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit, mode } = cmd else {
             return Some((1, "not a mirror request".into()));
         };
         let Some(target) = Target::parse(&addr, port) else {
@@ -34,6 +34,7 @@ impl Server {
             max_bps,
             freeze_limit: freeze_limit.unwrap_or(source::DEFAULT_FREEZE_LIMIT),
             request_limit,
+            mode: mode.unwrap_or_default(),
         };
         self.last_mirror_error = None;
         let entry = self.conns.vacant_entry();
@@ -146,6 +147,21 @@ impl Server {
         self.notify.status(&line);
     }
 
+    /// Tells the migration a client write finished on our disk; true if its completion must
+    /// wait for the destination.
+    pub(super) fn client_wrote(&mut self, offset: u64, len: u64, c: &Completion) -> bool {
+        self.ticket += 1;
+        let what = match (&c.job.op, &c.result) {
+            (Op::Write { .. }, Ok(_)) => Written::Data(&c.job.buf),
+            (Op::Zero { .. }, Ok(_)) => Written::Zeroes,
+            // Trim is advisory (the data may stay); a failed write may have changed any part.
+            _ => Written::Unknown,
+        };
+        self.delay_asked = false;
+        self.mirror_feed(Event::ClientWrote { offset, len, what, ticket: self.ticket });
+        std::mem::take(&mut self.delay_asked)
+    }
+
     pub(super) fn mirror_tick(&mut self) {
         self.mirror_feed(Event::Tick);
     }
@@ -190,6 +206,12 @@ impl Server {
                     self.stop_mirror("0: migration complete");
                     if self.handed_over {
                         self.hand_over_clients();
+                    }
+                }
+                Action::Delay(t) => self.delay_asked = t == self.ticket,
+                Action::Ack(t) => {
+                    if let Some(c) = self.delayed.remove(&t) {
+                        self.deliver_late(c);
                     }
                 }
                 // The connection's own actions never reach here.
@@ -261,6 +283,10 @@ impl Server {
             for w in std::mem::take(&mut m.waiters) {
                 self.reply_to(Some(w), waiter_reply);
             }
+        }
+        // Writes the migration held back are on the source: their clients hear of them now.
+        for (_, c) in std::mem::take(&mut self.delayed) {
+            self.deliver_late(c);
         }
         self.thaw();
     }

@@ -117,6 +117,9 @@ impl Server {
             idle_status,
             watch: Watch::new(o.limits, Instant::now()),
             peer_grace_until: None,
+            delayed: HashMap::new(),
+            ticket: 0,
+            delay_asked: false,
         })
     }
 

@@ -33,7 +33,9 @@ pub enum Event<'a> {
     /// A read asked for with `Action::Read` finished: `buf` holds its data extents.
     ReadDone { attempt: u32, offset: u64, len: usize, result: io::Result<Vec<Extent>>, buf: Vec<u8> },
     /// A client's write, trim or zero finished on the source's disk, before it is acknowledged.
-    ClientWrote { offset: u64, len: u64 },
+    /// If the source answers `Action::Delay(ticket)`, the acknowledgement waits for
+    /// `Action::Ack(ticket)` (active mirroring).
+    ClientWrote { offset: u64, len: u64, what: Written<'a>, ticket: u64 },
     /// No client write is in flight (sent after `Action::Hold` once that is so).
     ClientWritesIdle,
     /// Clients sent requests since the last event: they are at work.
@@ -59,10 +61,57 @@ pub enum Action {
     Hold,
     /// Clients may go on (a freeze was abandoned or the attempt failed).
     Release,
+    /// Hold back the acknowledgement of the client write with this ticket...
+    Delay(u64),
+    /// ...until now.
+    Ack(u64),
     /// Sizes matched with a first destination: "Migration started".
     Started,
     /// The migration is over without a handover; the text is for whoever waits on it.
     GaveUp(String),
     /// Everything is on the destination, durable, and the goodbye is on the wire.
     HandedOver,
+}
+
+/// What a finished client write left in its range.
+#[derive(Debug, Clone, Copy)]
+pub enum Written<'a> {
+    /// These bytes (a WRITE).
+    Data(&'a [u8]),
+    /// Zeros (WRITE_ZEROES, TRIM).
+    Zeroes,
+    /// Not known (the write failed part way): only a later pass can copy it.
+    Unknown,
+}
+
+/// How client writes reach the destination while a migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Background passes, switching to active once passes stop shrinking.
+    #[default]
+    Auto,
+    /// Background passes only: writes are marked dirty and sent by a later pass.
+    Background,
+    /// From the start, each client write is also sent to the destination, and acknowledged
+    /// once the destination has it (durably, by FUA).
+    Active,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "auto" => Some(Mode::Auto),
+            "background" => Some(Mode::Background),
+            "active" => Some(Mode::Active),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Background => "background",
+            Mode::Active => "active",
+        }
+    }
 }

@@ -11,8 +11,9 @@
 //! | Copying     | pass done, not yet checkpointed          | Checkpoint (FLUSH sent)              |
 //! | Checkpoint  | FLUSH acknowledged                       | Copying (pass done, decide)          |
 //! | Copying     | pass done, remainder large               | Copying (next pass over dirty)       |
+//! | Copying     | pass done, stuck, mode auto, FUA offered | Copying, active (next pass)          |
 //! | Copying     | pass done, remainder small or stuck      | Frozen (Hold)                        |
-//! | Frozen      | ClientWritesIdle                         | Final (last pass; FUA if offered)    |
+//! | Frozen      | ClientWritesIdle, active writes answered | Final (last pass; FUA if offered)    |
 //! | Final       | all acknowledged, FUA handover           | Closing (DISC sent)                  |
 //! | Final       | all acknowledged, otherwise              | Flushing (FLUSH sent), or Closing    |
 //! | Flushing    | FLUSH acknowledged                       | Closing (DISC sent)                  |
@@ -43,14 +44,14 @@
 //! final pass's own FUA writes (everything before it was covered by the last checkpoint), which
 //! saves the freeze one round trip.
 
-use super::{Action, Event};
+use super::{Action, Event, Mode, Written};
 use crate::dirty::DirtyMap;
 use crate::export::Extent;
 use crate::proto::handshake::{self as hs, Greeting, ParseError};
 use crate::proto::transmission::{self as tx, ReplyHeader, Request};
 use crate::proto::*;
 use log::{info, warn};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// Bytes one source read covers, and so the largest WRITE we send (the design allows 8 MiB;
@@ -95,6 +96,7 @@ pub struct Spec {
     /// Longest freeze before the attempt is abandoned and clients go on against the source.
     pub freeze_limit: Duration,
     pub request_limit: Duration,
+    pub mode: Mode,
 }
 
 /// Why an attempt ended.
@@ -201,6 +203,33 @@ struct Sent {
     cmd: Cmd,
     offset: u64,
     len: u64,
+    /// A client write sent actively: the ticket of its held acknowledgement.
+    ticket: Option<u64>,
+}
+
+/// Ranges being read for the destination or written to it. They never overlap: the
+/// destination may run requests in any order, so two overlapping writes in flight could land
+/// either way round, and a pass's read could carry data older than a client write sent
+/// meanwhile.
+#[derive(Debug, Default)]
+struct Flight {
+    /// start -> end
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Flight {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.ranges.range(..end).next_back().is_some_and(|(_, e)| *e > offset)
+    }
+
+    fn insert(&mut self, offset: u64, len: u64) {
+        self.ranges.insert(offset, offset.saturating_add(len));
+    }
+
+    fn remove(&mut self, offset: u64) {
+        self.ranges.remove(&offset);
+    }
 }
 
 /// What a newstyle destination said during negotiation, until GO is acknowledged.
@@ -251,9 +280,11 @@ enum Phase {
     Checkpoint {
         cookie: u64,
     },
-    /// Clients are held; waiting for their writes in flight.
+    /// Clients are held; waiting for their writes in flight (`idle` once there are none) and
+    /// for the destination's answers to client writes sent actively.
     Frozen {
         since: Instant,
+        idle: bool,
     },
     /// The last pass, clients held.
     Final {
@@ -269,7 +300,9 @@ enum Phase {
 impl Phase {
     fn frozen_since(self) -> Option<Instant> {
         match self {
-            Phase::Frozen { since } | Phase::Final { since } | Phase::Flushing { since, .. } => Some(since),
+            Phase::Frozen { since, .. } | Phase::Final { since } | Phase::Flushing { since, .. } => {
+                Some(since)
+            }
             Phase::Copying | Phase::Checkpoint { .. } => None,
         }
     }
@@ -285,6 +318,11 @@ struct Attempt {
     flush_refused: bool,
     /// Its final pass goes with FUA and no final FLUSH (see the module doc).
     fua_handover: bool,
+    /// Client writes are sent to it as they complete (active mirroring).
+    active: bool,
+    /// Client writes sent actively and not yet answered.
+    active_writes: usize,
+    flight: Flight,
     pass: u32,
     sweep: Sweep,
     /// This pass ended with a checkpoint already.
@@ -434,17 +472,14 @@ impl Source {
             Event::ReadDone { attempt, offset, len, result, buf } => {
                 self.read_done(now, attempt, offset, len, result, buf, out)
             }
-            Event::ClientWrote { offset, len } => {
-                if let Some(d) = self.dirty.as_mut() {
-                    d.mark(offset, len);
-                }
+            Event::ClientWrote { offset, len, what, ticket } => {
+                self.client_wrote(offset, len, what, ticket, out)
             }
             Event::ClientWritesIdle => {
                 if let State::Attempt(a) = &mut self.state
-                    && let Phase::Frozen { since } = a.phase
+                    && let Phase::Frozen { since, .. } = a.phase
                 {
-                    a.phase = Phase::Final { since };
-                    Self::next_pass(a, &mut self.dirty, self.size);
+                    a.phase = Phase::Frozen { since, idle: true };
                     self.pump(now, out);
                 }
             }
@@ -551,9 +586,10 @@ impl Source {
     /// The migration's own status keys (after the common ones), `key=value` with no spaces.
     pub fn status_fields(&self) -> String {
         let h = &self.history;
+        let (mode, pass) = self.mode_and_pass();
         let mut s = format!(
-            " migration_retrying={} migration_failed_attempts={} migration_freezes_abandoned={} \
-             migration_destination_errors={} migration_freeze_limit_ms={}",
+            " migration_mode={mode} migration_passes={pass} migration_retrying={} migration_failed_attempts={} \
+             migration_freezes_abandoned={} migration_destination_errors={} migration_freeze_limit_ms={}",
             self.retrying(),
             h.failed_attempts,
             h.freezes_abandoned,
@@ -570,6 +606,14 @@ impl Source {
             s += &format!(" migration_error={r}");
         }
         s
+    }
+
+    /// How client writes reach the destination now, and the current pass.
+    pub fn mode_and_pass(&self) -> (&'static str, u32) {
+        match &self.state {
+            State::Attempt(a) => (if a.active { "active" } else { "background" }, a.pass),
+            _ => ("background", 0),
+        }
     }
 
     /// Status keys kept after the migration gave up: why, and the destination's last refusal.
@@ -781,11 +825,21 @@ impl Source {
                             return Ok(());
                         }
                         _ => {
-                            let Some(Sent { len, .. }) = a.inflight.remove(&cookie) else {
+                            let Some(Sent { offset, len, ticket, .. }) = a.inflight.remove(&cookie) else {
                                 return Err(Failure::Protocol("reply to a request we did not send".into()));
                             };
-                            a.inflight_bytes -= len;
-                            self.attempt_bytes += len;
+                            a.flight.remove(offset);
+                            match ticket {
+                                // The client's write is on the destination, durably (FUA).
+                                Some(t) => {
+                                    a.active_writes -= 1;
+                                    out.push(Action::Ack(t));
+                                }
+                                None => {
+                                    a.inflight_bytes -= len;
+                                    self.attempt_bytes += len;
+                                }
+                            }
                         }
                     }
                 }
@@ -865,6 +919,15 @@ impl Source {
         let can_flush = flags & TF_SEND_FLUSH != 0;
         let fua_handover =
             can_flush && flags & TF_SEND_FUA != 0 && offer.features & SENDER_FEATURE_FUA_HANDOVER != 0;
+        // Active mirroring acknowledges a client write once the destination has it durably,
+        // which takes FUA.
+        let active = self.spec.mode == Mode::Active && flags & TF_SEND_FUA != 0;
+        if self.spec.mode == Mode::Active && !active {
+            warn!(
+                "mirror {}: the destination does not offer FUA: copying in the background only",
+                self.label
+            );
+        }
         info!(
             "mirror {}: destination flags {flags:#06x}: holes sent as {}, {}",
             self.label,
@@ -907,6 +970,9 @@ impl Source {
             last_pass_dirty: u64::MAX,
             uncovered,
             inflight: HashMap::new(),
+            active,
+            active_writes: 0,
+            flight: Flight::default(),
             inflight_bytes: 0,
             reads: 0,
             read_bytes: 0,
@@ -936,15 +1002,31 @@ impl Source {
             let since = match a.phase {
                 Phase::Copying => None,
                 Phase::Final { since } => Some(since),
+                // The last pass starts once clients are quiet and every client write sent
+                // actively is answered, so nothing it sends can cross one of those.
+                Phase::Frozen { since, idle: true } if a.active_writes == 0 => {
+                    a.phase = Phase::Final { since };
+                    Self::next_pass(a, &mut self.dirty, self.size);
+                    continue;
+                }
                 Phase::Checkpoint { .. } | Phase::Frozen { .. } | Phase::Flushing { .. } => return,
             };
             while a.reads < MAX_READS && a.inflight_bytes + a.read_bytes < MAX_IN_FLIGHT && !throttled(a) {
                 let Some((offset, len)) = a.sweep.next(chunk, self.size) else { break };
+                if a.flight.overlaps(offset, len) {
+                    // A client write sent actively is still out there: a later pass reads this.
+                    if let Some(d) = self.dirty.as_mut() {
+                        d.mark(offset, len);
+                    }
+                    continue;
+                }
+                a.flight.insert(offset, len);
                 a.reads += 1;
                 a.read_bytes += len;
                 out.push(Action::Read { attempt: self.attempt, offset, len: len as usize });
             }
-            if a.sweep.bytes_left(self.size) > 0 || a.reads > 0 || !a.inflight.is_empty() {
+            let background = a.inflight.len() - a.active_writes;
+            if a.sweep.bytes_left(self.size) > 0 || a.reads > 0 || background > 0 {
                 return;
             }
             if let Some(since) = since {
@@ -975,9 +1057,17 @@ impl Source {
             let stuck = a.pass >= 2 && dirty >= a.last_pass_dirty;
             let quick =
                 dirty <= FREEZE_ALWAYS || (dirty as f64) <= speed as f64 * FREEZE_BUDGET.as_secs_f64();
-            if quick || a.pass >= MAX_PASSES || stuck {
+            if stuck && !quick && !a.active && self.spec.mode == Mode::Auto && a.can(TF_SEND_FUA) {
+                // Writes come faster than passes send them: from now on each one goes to the
+                // destination as it completes, so what is dirty only shrinks.
+                info!(
+                    "mirror {}: pass {} done, {dirty} bytes dirty and not shrinking: mirroring client writes actively",
+                    self.label, a.pass
+                );
+                a.active = true;
+            } else if quick || a.pass >= MAX_PASSES || stuck {
                 info!("mirror {}: pass {} done, {dirty} bytes dirty: freezing clients", self.label, a.pass);
-                a.phase = Phase::Frozen { since: now };
+                a.phase = Phase::Frozen { since: now, idle: false };
                 out.push(Action::Hold);
                 return;
             }
@@ -996,6 +1086,40 @@ impl Source {
             u.merge(&map);
         }
         a.sweep = Sweep::Dirty(map);
+    }
+
+    /// A client write finished on the source. While mirroring actively, it goes to the
+    /// destination now with FUA, and its acknowledgement waits for the destination's; otherwise
+    /// (or if it crosses anything in flight) it is dirty, for a later pass.
+    fn client_wrote(&mut self, offset: u64, len: u64, what: Written<'_>, ticket: u64, out: &mut Vec<Action>) {
+        if let State::Attempt(a) = &mut self.state
+            && a.active
+            && matches!(a.phase, Phase::Copying | Phase::Checkpoint { .. })
+            && len > 0
+            && len <= u64::from(u32::MAX)
+            && !matches!(what, Written::Unknown)
+            && !a.flight.overlaps(offset, len)
+        {
+            self.next_cookie += 1;
+            let cookie = self.next_cookie;
+            let zeroes = matches!(what, Written::Zeroes) && a.can(TF_SEND_WRITE_ZEROES);
+            let kind = if zeroes { Cmd::WriteZeroes } else { Cmd::Write };
+            let req = Request { flags: CMD_FLAG_FUA, kind: kind as u16, cookie, offset, len: len as u32 };
+            out.push(Action::Send(req.encode().to_vec()));
+            match what {
+                Written::Data(b) => out.push(Action::Send(b.to_vec())),
+                Written::Zeroes if !zeroes => out.push(Action::Send(vec![0; len as usize])),
+                Written::Zeroes | Written::Unknown => {}
+            }
+            a.inflight.insert(cookie, Sent { cmd: kind, offset, len, ticket: Some(ticket) });
+            a.flight.insert(offset, len);
+            a.active_writes += 1;
+            out.push(Action::Delay(ticket));
+            return;
+        }
+        if let Some(d) = self.dirty.as_mut() {
+            d.mark(offset, len);
+        }
     }
 
     /// Queues the goodbye; the handover happens once it is on the wire.
@@ -1028,6 +1152,7 @@ impl Source {
         }
         a.reads -= 1;
         a.read_bytes -= len as u64;
+        a.flight.remove(offset);
         let extents = match result {
             Ok(e) => e,
             Err(e) => {
@@ -1062,7 +1187,8 @@ impl Source {
             } else if let Some(b) = buf.as_ref() {
                 out.push(Action::Send(b[pos..pos + elen].to_vec()));
             }
-            a.inflight.insert(cookie, Sent { cmd: kind, offset: req.offset, len: elen as u64 });
+            a.inflight.insert(cookie, Sent { cmd: kind, offset: req.offset, len: elen as u64, ticket: None });
+            a.flight.insert(req.offset, elen as u64);
             a.inflight_bytes += elen as u64;
             pos += elen;
             if pos >= len {
@@ -1083,6 +1209,18 @@ impl Source {
         out.push(Action::Disconnect);
         if held {
             out.push(Action::Release);
+        }
+        if let State::Attempt(a) = &state {
+            // Client writes sent actively and not answered: their clients hear success now
+            // (the source has them), and a later attempt copies them.
+            for sent in a.inflight.values() {
+                if let Some(t) = sent.ticket {
+                    if let Some(d) = self.dirty.as_mut() {
+                        d.mark(sent.offset, sent.len);
+                    }
+                    out.push(Action::Ack(t));
+                }
+            }
         }
         let h = &mut self.history;
         h.last_failure = Some(f.token());
@@ -1167,12 +1305,17 @@ mod tests {
 
     impl Bench {
         fn new() -> Bench {
+            Bench::with_mode(Mode::Background)
+        }
+
+        fn with_mode(mode: Mode) -> Bench {
             let now = Instant::now();
             let spec = Spec {
                 target: "dest".into(),
                 max_bps: None,
                 freeze_limit: DEFAULT_FREEZE_LIMIT,
                 request_limit: DEFAULT_REQUEST_LIMIT,
+                mode,
             };
             Bench {
                 src: Source::new(spec, "t".into(), SIZE, 7, now),
@@ -1291,7 +1434,7 @@ mod tests {
         let before = b.copy_until_frozen();
         assert!(kinds(&before).contains(&(Cmd::Flush as u16)), "a checkpoint covers the passes");
         // A client write lands during the last pass; then clients are quiet.
-        b.ev(Event::ClientWrote { offset: 4096, len: 4096 });
+        b.ev(Event::ClientWrote { offset: 4096, len: 4096, what: Written::Unknown, ticket: 1 });
         b.ev(Event::ClientWritesIdle);
         b.complete_reads();
         let last = b.answer_all();
@@ -1309,7 +1452,7 @@ mod tests {
         let mut b = Bench::new();
         b.start(FLAGS, 0);
         b.copy_until_frozen();
-        b.ev(Event::ClientWrote { offset: 0, len: 512 });
+        b.ev(Event::ClientWrote { offset: 0, len: 512, what: Written::Unknown, ticket: 1 });
         b.ev(Event::ClientWritesIdle);
         b.complete_reads();
         let last = b.answer_all();
@@ -1324,7 +1467,7 @@ mod tests {
         b.start(FLAGS, SENDER_FEATURE_FUA_HANDOVER);
         b.copy_until_frozen();
         assert!(b.take().contains(&Action::Hold));
-        b.ev(Event::ClientWrote { offset: 0, len: 512 });
+        b.ev(Event::ClientWrote { offset: 0, len: 512, what: Written::Unknown, ticket: 1 });
         b.ev(Event::ClientWritesIdle);
         b.complete_reads();
         b.take();
@@ -1389,5 +1532,112 @@ mod tests {
         b.take();
         b.ev(Event::ReadDone { attempt, offset, len, result: Ok(vec![(len as u32, 0)]), buf: vec![1; 8] });
         assert_eq!(b.take(), vec![Action::Recycle(vec![1; 8])]);
+    }
+
+    /// Requests on the wire with their payloads, not answered.
+    fn requests_on_wire(b: &mut Bench) -> Vec<tx::Request> {
+        let mut reqs = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((r, used))) = tx::parse_request(&b.wire[pos..]) {
+            let payload = if r.kind == Cmd::Write as u16 { r.len as usize } else { 0 };
+            pos += used + payload;
+            reqs.push(r);
+        }
+        b.wire.drain(..pos);
+        reqs
+    }
+
+    #[test]
+    fn an_active_write_is_acknowledged_once_the_destination_has_it() {
+        let mut b = Bench::with_mode(Mode::Active);
+        b.start(FLAGS, 0);
+        // Every read of the first pass is out; a client writes past them.
+        let reads: Vec<(u64, usize)> = b
+            .take()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Read { offset, len, .. } => Some((offset, len)),
+                _ => None,
+            })
+            .collect();
+        let past = reads.iter().map(|(o, l)| o + *l as u64).max().unwrap_or(0);
+        b.wire.clear();
+        b.ev(Event::ClientWrote { offset: past, len: 4096, what: Written::Data(&[7; 4096]), ticket: 9 });
+        assert!(b.acts.contains(&Action::Delay(9)), "held for the destination");
+        let reqs = requests_on_wire(&mut b);
+        assert_eq!(kinds(&reqs), vec![Cmd::Write as u16]);
+        assert_eq!((reqs[0].offset, reqs[0].flags & CMD_FLAG_FUA), (past, CMD_FLAG_FUA));
+        b.take();
+        b.ev(Event::Received(&tx::encode_simple_reply(0, reqs[0].cookie)));
+        assert_eq!(b.take(), vec![Action::Ack(9)]);
+        // A write over a range being read is left to a later pass, answered at once.
+        let (o, _) = reads[0];
+        b.ev(Event::ClientWrote { offset: o, len: 4096, what: Written::Data(&[7; 4096]), ticket: 10 });
+        assert!(b.take().is_empty(), "not sent, not held");
+        assert!(b.src.dirty.as_ref().is_some_and(|d| d.dirty_bytes() == 4096));
+    }
+
+    #[test]
+    fn active_writes_cut_off_by_a_failure_are_acknowledged_and_dirty_again() {
+        let mut b = Bench::with_mode(Mode::Active);
+        b.start(FLAGS, 0);
+        b.take();
+        b.ev(Event::ClientWrote { offset: SIZE - 4096, len: 4096, what: Written::Zeroes, ticket: 3 });
+        assert!(b.take().contains(&Action::Delay(3)));
+        b.ev(Event::Closed);
+        let acts = b.take();
+        assert!(acts.contains(&Action::Ack(3)), "no client waits on a dead attempt");
+        // The attempt had no checkpoint: the next one copies everything, this write included.
+        assert!(b.src.retrying());
+    }
+
+    #[test]
+    fn auto_turns_active_when_passes_stop_shrinking_and_the_freeze_waits_for_active_writes() {
+        let mut b = Bench::with_mode(Mode::Auto);
+        b.start(FLAGS, 0);
+        // Every pass, clients dirty the same 2 MiB (8 x 256 KiB apart): passes never shrink.
+        let mut ticket = 0;
+        for _ in 0..20 {
+            if b.src.mode_and_pass().0 == "active" {
+                break;
+            }
+            b.complete_reads();
+            b.answer_all();
+            for i in 0..8 {
+                ticket += 1;
+                let what = Written::Unknown;
+                b.ev(Event::ClientWrote { offset: i * 512 * 1024, len: 256 * 1024, what, ticket });
+            }
+        }
+        assert_eq!(b.src.mode_and_pass().0, "active", "{:?}", b.src.state);
+        assert!(!b.src.frozen(), "it went active instead of freezing with a large remainder");
+        // Drive to the freeze with one active write left unanswered.
+        let mut held = None;
+        for _ in 0..50 {
+            if b.src.frozen() {
+                break;
+            }
+            b.complete_reads();
+            b.answer_all();
+            if held.is_none() {
+                ticket += 1;
+                b.ev(Event::ClientWrote { offset: SIZE - 8192, len: 4096, what: Written::Zeroes, ticket });
+                if b.acts.contains(&Action::Delay(ticket)) {
+                    held = Some(ticket);
+                    b.wire.clear();
+                }
+            }
+        }
+        assert!(b.src.frozen());
+        assert!(held.is_some());
+        b.take();
+        b.ev(Event::ClientWritesIdle);
+        assert!(
+            b.take().iter().all(|a| !matches!(a, Action::Read { .. } | Action::Send(_))),
+            "the last pass waits for the active write"
+        );
+        assert!(
+            matches!(&b.src.state, State::Attempt(a) if matches!(a.phase, Phase::Frozen { idle: true, .. }))
+        );
     }
 }

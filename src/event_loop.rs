@@ -10,13 +10,14 @@ use crate::cli::MultiConn;
 use crate::conn::client::ClientConn;
 use crate::conn::control::{Command, ControlConn, ControlListener, MirrorAction};
 use crate::conn::mirror::{DEFAULT_FREEZE_LIMIT, Mirror, MirrorSpec, Outcome};
-use crate::conn::{Ctx, InlineIo, Lineage, Next, SHARED_READ_BUF, ServeConfig};
+use crate::conn::{Ctx, InlineIo, Next, SHARED_READ_BUF, ServeConfig};
 use crate::deadlines::{Limits, Watch};
 use crate::dirty::DirtyMap;
 use crate::error::Error;
 use crate::export::Export;
 use crate::io_pool::{Completion, IoPool, Op};
 use crate::listener::{Endpoint, Listener, Peer, Socket};
+use crate::migration::dest::Lineage;
 use crate::net::Target;
 use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
@@ -499,7 +500,7 @@ impl Server {
         let Some(own) = self.running_mirror().map(|m| m.sender()) else { return };
         // Scan rather than look up the new sender: two declarations in one pass keep only one.
         let Some((k, c)) = self.conns.iter().find_map(|(k, c)| match c {
-            Conn::Client(c) if c.declared_sender == Some(own) => Some((k, c)),
+            Conn::Client(c) if c.declared_sender() == Some(own) => Some((k, c)),
             _ => None,
         }) else {
             return;
@@ -550,7 +551,7 @@ impl Server {
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.migration_sender && c.id != id => Some(Token(k)),
+                Conn::Client(c) if c.is_migration_sender() && c.id != id => Some(Token(k)),
                 _ => None,
             })
             .collect();
@@ -913,7 +914,7 @@ impl Server {
                 self.core.num_clients -= 1;
                 self.core.budget.release(c.unfinished_payload());
                 self.watch.client_left(self.core.num_clients);
-                if c.migration_sender {
+                if c.is_migration_sender() {
                     self.core.lineage.sender_left();
                 }
                 if self.core.num_clients == 0 {

@@ -26,6 +26,7 @@ pub mod export;
 pub mod io_pool;
 pub mod listener;
 pub mod log;
+pub mod migration;
 pub mod net;
 pub mod proto;
 pub mod remote;

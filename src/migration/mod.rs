@@ -1,0 +1,3 @@
+//! Migration, both sides: the listen side's bookkeeping is `dest`.
+
+pub mod dest;

@@ -869,6 +869,41 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
     }
 }
 
+/// The final pass may go with FUA instead of a second FLUSH: the listen server says so in its
+/// ACK to FlexnbdSender, and completes on a goodbye after FLUSH then FUA writes; a write without
+/// FUA after the FLUSH is not durable, so that goodbye completes nothing.
+#[test]
+fn a_listen_server_counts_fua_writes_after_a_flush_as_durable_for_the_handover() {
+    let dir = TempDir::new("mirror-fua-handover");
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, 4 * MIB);
+    let mut dst = listen(&dst_file, None, &[]);
+
+    // Not durable: FLUSH, then a plain write, then goodbye.
+    let (mut sender, features) = declare_sender_with_features(dst.addr(), 0x99);
+    let features = features.expect("the ACK to FlexnbdSender carries 8 bytes of feature bits");
+    assert_eq!(features & SENDER_FEATURE_FUA_HANDOVER, SENDER_FEATURE_FUA_HANDOVER, "features {features:#x}");
+    assert_eq!(sender.write(0, &[1u8; 4096], 0).expect("io"), 0);
+    assert_eq!(sender.flush().expect("io"), 0);
+    assert_eq!(sender.write(MIB, &[2u8; 4096], CMD_FLAG_FUA).expect("io"), 0, "FUA after FLUSH");
+    assert_eq!(sender.write(2 * MIB, &[3u8; 4096], 0).expect("io"), 0, "no FUA after FLUSH");
+    sender.disconnect().expect("DISC");
+    wait_closed(&mut sender.sock, Duration::from_secs(5)).expect("closed after DISC");
+    thread::sleep(Duration::from_millis(300));
+    dst.assert_alive("after a goodbye with a write not flushed");
+
+    // Durable: FLUSH, then only FUA writes, then goodbye: complete without a second FLUSH.
+    let mut sender = declare_sender(dst.addr(), 0x99);
+    assert_eq!(sender.write(0, &[4u8; 4096], 0).expect("io"), 0);
+    assert_eq!(sender.flush().expect("io"), 0);
+    assert_eq!(sender.write(MIB, &[5u8; 4096], CMD_FLAG_FUA).expect("io"), 0);
+    assert_eq!(sender.write_zeroes(2 * MIB, 4096, CMD_FLAG_FUA).expect("io"), 0);
+    sender.disconnect().expect("DISC");
+    assert_exits_zero(&mut dst, "listen after FLUSH, FUA writes and DISC", Duration::from_secs(10));
+    assert_eq!(read_at(&dst_file, MIB, 4096), vec![5u8; 4096]);
+    assert_eq!(read_at(&dst_file, 2 * MIB, 4096), vec![0u8; 4096]);
+}
+
 #[test]
 fn a_sender_that_declares_itself_twice_still_lets_plain_writes_back_when_it_goes() {
     let dir = TempDir::new("mirror-declare-twice");

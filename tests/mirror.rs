@@ -306,7 +306,15 @@ enum Cut {
     /// At the `n`th FLUSH request header: nothing from it on goes through until `release` is
     /// set; then everything does.
     HoldFlush { n: usize, release: Arc<AtomicBool> },
+    /// Not a cut (destination-to-source direction): the destination's answer to our sender
+    /// option is forwarded with its feature bits cleared, as an older destination sends it.
+    ClearSenderFeatures,
 }
+
+/// The start of a listen server's ACK to FlexnbdSender: option reply magic, the option, ACK,
+/// 8 bytes of data (the feature bits) follow.
+const SENDER_ACK: [u8; 20] =
+    [0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0x46, 0x58, 0x00, 0x02, 0, 0, 0, 1, 0, 0, 0, 8];
 
 /// A FLUSH request header's first 8 bytes: magic, no flags, type 3. Random payload bytes match
 /// it with odds of 2^-64 per position.
@@ -345,11 +353,18 @@ impl Relay {
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let limit = (n == 0).then(|| cut.clone());
+                // A cut at a FLUSH aims at the final FLUSH, which a source sends only to a
+                // destination that does not take FUA writes as the handover's proof: the relay
+                // plays one by clearing the feature bits in its answer to our sender option.
+                let older = matches!(limit, Some(Cut::AtFlush { .. } | Cut::HoldFlush { .. }));
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let (st1, st2) = (Arc::clone(&st), Arc::clone(&st));
                 let mut v = ps.lock().unwrap();
                 v.push(thread::spawn(move || pump(client, server, limit, st1)));
-                v.push(thread::spawn(move || pump(s2, c2, None, st2)));
+                v.push(thread::spawn(move || {
+                    let back = if older { Some(Cut::ClearSenderFeatures) } else { None };
+                    pump(s2, c2, back, st2)
+                }));
             }
         });
         Relay { port, accepted, stop, acceptor: Some(acceptor), pumps }
@@ -385,6 +400,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Option<Cut>, stop: Arc<Atom
             Err(_) => break,
         };
         let n = limit.map_or(n, |l| n.min((l - total) as usize));
+        if let Some(Cut::ClearSenderFeatures) = &cut
+            && let Some(at) = buf[..n].windows(SENDER_ACK.len()).position(|w| w == SENDER_ACK)
+            && at + SENDER_ACK.len() + 8 <= n
+        {
+            buf[at + SENDER_ACK.len()..at + SENDER_ACK.len() + 8].fill(0);
+        }
         if let Some(Cut::AtFlush { n: nth, release } | Cut::HoldFlush { n: nth, release }) = &cut
             && flushes < *nth
         {
@@ -867,6 +888,41 @@ fn a_listen_server_takes_writes_only_from_its_sender_once_one_declared_itself() 
         assert!(Instant::now() < until, "plain writes still refused after the sender left: {st}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The final pass may go with FUA instead of a second FLUSH: the listen server says so in its
+/// ACK to FlexnbdSender, and completes on a goodbye after FLUSH then FUA writes; a write without
+/// FUA after the FLUSH is not durable, so that goodbye completes nothing.
+#[test]
+fn a_listen_server_counts_fua_writes_after_a_flush_as_durable_for_the_handover() {
+    let dir = TempDir::new("mirror-fua-handover");
+    let dst_file = dir.join("dst.img");
+    make_sparse_file(&dst_file, 4 * MIB);
+    let mut dst = listen(&dst_file, None, &[]);
+
+    // Not durable: FLUSH, then a plain write, then goodbye.
+    let (mut sender, features) = declare_sender_with_features(dst.addr(), 0x99);
+    let features = features.expect("the ACK to FlexnbdSender carries 8 bytes of feature bits");
+    assert_eq!(features & SENDER_FEATURE_FUA_HANDOVER, SENDER_FEATURE_FUA_HANDOVER, "features {features:#x}");
+    assert_eq!(sender.write(0, &[1u8; 4096], 0).expect("io"), 0);
+    assert_eq!(sender.flush().expect("io"), 0);
+    assert_eq!(sender.write(MIB, &[2u8; 4096], CMD_FLAG_FUA).expect("io"), 0, "FUA after FLUSH");
+    assert_eq!(sender.write(2 * MIB, &[3u8; 4096], 0).expect("io"), 0, "no FUA after FLUSH");
+    sender.disconnect().expect("DISC");
+    wait_closed(&mut sender.sock, Duration::from_secs(5)).expect("closed after DISC");
+    thread::sleep(Duration::from_millis(300));
+    dst.assert_alive("after a goodbye with a write not flushed");
+
+    // Durable: FLUSH, then only FUA writes, then goodbye: complete without a second FLUSH.
+    let mut sender = declare_sender(dst.addr(), 0x99);
+    assert_eq!(sender.write(0, &[4u8; 4096], 0).expect("io"), 0);
+    assert_eq!(sender.flush().expect("io"), 0);
+    assert_eq!(sender.write(MIB, &[5u8; 4096], CMD_FLAG_FUA).expect("io"), 0);
+    assert_eq!(sender.write_zeroes(2 * MIB, 4096, CMD_FLAG_FUA).expect("io"), 0);
+    sender.disconnect().expect("DISC");
+    assert_exits_zero(&mut dst, "listen after FLUSH, FUA writes and DISC", Duration::from_secs(10));
+    assert_eq!(read_at(&dst_file, MIB, 4096), vec![5u8; 4096]);
+    assert_eq!(read_at(&dst_file, 2 * MIB, 4096), vec![0u8; 4096]);
 }
 
 #[test]

@@ -1,9 +1,11 @@
-//! One NBD client session: ClientFlags -> Options -> Transmission -> Draining -> closed.
+//! One NBD client session: ClientFlags -> Options -> Transmission -> (ShuttingDown) -> Draining
+//! -> closed.
 //!
 //! Input is read into the reactor's shared buffer and parsed there; only a partial frame is kept
 //! per connection (`carry`), and a WRITE payload too big for the buffer is read straight into its
 //! own job buffer. Replies queue in `out` and leave in one writev per flush. Requests may be
-//! answered out of order as the disk pool completes them.
+//! answered out of order as the disk pool completes them. What the connection is to a migration
+//! (plain client, declared sender, ...) is its `Role` (see `migration::dest`).
 //!
 //! | phase          | input                       | next                                   |
 //! |----------------|-----------------------------|----------------------------------------|
@@ -12,20 +14,28 @@
 //! | Options        | ABORT                       | Draining                               |
 //! | Options        | INFO/LIST/STRUCTURED/META   | Options                                |
 //! | Options        | EXTENDED_HEADERS            | Options (32-byte headers from GO on)   |
+//! | Options        | FLEXNBD_SENDER / _MIGRATE   | Options (role: see `migration::dest`)  |
 //! | Transmission   | request (+ payload)         | Transmission (job or inline reply)     |
-//! | Transmission   | DISC                        | Draining                               |
+//! | Transmission   | DISC                        | Draining { disc }                      |
 //! | Transmission   | bad request magic           | Draining (EINVAL with its cookie first) |
-//! | Transmission   | shutdown / handover         | Transmission, new requests ESHUTDOWN   |
-//! | Draining       | -                           | closed once nothing is in flight/queued |
-//! | shutting down  | -                           | closed likewise (handover: socket drained too) |
-//! | any            | EOF                         | Draining if requests are in flight, else closed |
+//! | Transmission   | shutdown / handover         | ShuttingDown { handed_over }           |
+//! | ClientFlags, Options | shutdown / handover   | Draining { handed_over }               |
+//! | ShuttingDown   | request (DISC: as above)    | ShuttingDown, answered ESHUTDOWN       |
+//! | ShuttingDown   | -                           | closed once nothing is in flight/queued (handover: socket drained too) |
+//! | Draining       | handover                    | Draining { handed_over }               |
+//! | Draining       | -                           | closed likewise                        |
+//! | any but Draining | EOF                       | Draining if requests are in flight, else closed |
 //! | any            | I/O error                   | closed                                 |
+//!
+//! A DISC from a migration sender whose data is durable completes the migration when the
+//! connection closes (`Role::completes_on_disc`).
 
 use super::{Ctx, Next, Stream};
 use crate::buffer::OutQueue;
 use crate::export::Extent;
 use crate::io_pool::{Completion, Job, Op};
 use crate::listener::Peer;
+use crate::migration::dest::{self, Role};
 use crate::proto::handshake::{self as hs, ParseError};
 use crate::proto::transmission::{self as tx, ExtRequest as Request};
 use crate::proto::*;
@@ -61,7 +71,19 @@ pub enum Phase {
     ClientFlags,
     Options,
     Transmission,
-    Draining,
+    /// Transmission after a server shutdown or the migration's handover: requests still
+    /// arrive and get ESHUTDOWN (DISC excepted); closes once nothing is in flight.
+    /// `handed_over`: a WRITE whose payload is still arriving is refused too, and the socket
+    /// is read down to its end so every request sent gets its answer.
+    ShuttingDown {
+        handed_over: bool,
+    },
+    /// Nothing more is read; closes once nothing is in flight or queued. `disc`: the peer said
+    /// goodbye (NBD_CMD_DISC), which may complete a migration; `handed_over` as above.
+    Draining {
+        disc: bool,
+        handed_over: bool,
+    },
 }
 
 /// Where the next transmission bytes go.
@@ -136,21 +158,8 @@ pub struct ClientConn<S: Stream = mio::net::TcpStream> {
     /// The peer's FIN (or an error) was reported: read until EOF, never stop at a short read.
     hup: bool,
     registered: Option<Interest>,
-    /// Declared itself a migration sender (flexnbd option) during negotiation.
-    pub migration_sender: bool,
-    /// The migration a sender said it is (in our option), whether or not we are its destination.
-    pub declared_sender: Option<u64>,
-    /// A FLUSH completed and no write was accepted after it.
-    flushed: bool,
-    /// Some write-type request was accepted on this connection.
-    wrote: bool,
-    /// NBD_CMD_DISC arrived: a clean disconnect once in-flight requests are answered.
-    disc: bool,
-    /// The server is shutting down: new requests get ESHUTDOWN, the connection closes once
-    /// nothing is in flight.
-    shutting_down: bool,
-    /// Set by `hand_over`.
-    handed_over: bool,
+    /// What this connection is to a migration coming in (listen), or who it said it is (serve).
+    role: Role,
     /// WRITE payload bytes this connection holds in the payload budget (see `budget`).
     reserved: usize,
     /// A WRITE header waits in `carry` for room in the payload budget.
@@ -183,13 +192,9 @@ impl<S: Stream> ClientConn<S> {
             lent: None,
             hup: false,
             registered: None,
-            migration_sender: false,
-            declared_sender: None,
-            flushed: false,
-            wrote: false,
-            disc: false,
-            shutting_down: false,
-            handed_over: false,
+            // An original flexnbd sender cannot declare itself; on an oldstyle listener every
+            // client that writes and then disconnects cleanly is taken for one.
+            role: Role::new(ctx.cfg.oldstyle && ctx.cfg.listen),
             reserved: 0,
             budget_wait: false,
         };
@@ -201,9 +206,6 @@ impl<S: Stream> ClientConn<S> {
                 u32::from(transmission_flags(ctx, false)),
             );
             c.phase = Phase::Transmission;
-            // An original flexnbd sender cannot declare itself; on an oldstyle listener every
-            // client that writes and then disconnects cleanly is taken for one.
-            c.migration_sender = ctx.cfg.listen;
         } else {
             hs::encode_newstyle_greeting(&mut hello, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         }
@@ -213,28 +215,60 @@ impl<S: Stream> ClientConn<S> {
 
     /// Server shutdown: answer what is in flight, refuse anything new with ESHUTDOWN, close.
     pub fn shut_down(&mut self) {
-        self.shutting_down = true;
-        if self.phase != Phase::Transmission {
-            self.phase = Phase::Draining;
-        }
+        self.phase = match self.phase {
+            Phase::Transmission => Phase::ShuttingDown { handed_over: false },
+            Phase::ClientFlags | Phase::Options => Phase::Draining { disc: false, handed_over: false },
+            p @ (Phase::ShuttingDown { .. } | Phase::Draining { .. }) => p,
+        };
     }
 
     /// The migration handed over: the destination serves from now on. Like a shutdown, but a
     /// write whose payload is still arriving is refused too: nothing may change the file here
     /// any more.
     pub fn hand_over(&mut self) {
-        self.handed_over = true;
-        self.shut_down();
+        self.phase = match self.phase {
+            Phase::Transmission | Phase::ShuttingDown { .. } => Phase::ShuttingDown { handed_over: true },
+            Phase::ClientFlags | Phase::Options => Phase::Draining { disc: false, handed_over: true },
+            Phase::Draining { disc, .. } => Phase::Draining { disc, handed_over: true },
+        };
+    }
+
+    /// Set by `hand_over`.
+    fn handed_over(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::ShuttingDown { handed_over: true } | Phase::Draining { handed_over: true, .. }
+        )
+    }
+
+    /// Stops reading: what is in flight is answered, then the connection closes. A goodbye
+    /// already seen (and a handover) stays noted.
+    fn drain(&mut self) {
+        if !matches!(self.phase, Phase::Draining { .. }) {
+            self.phase = Phase::Draining { disc: false, handed_over: self.handed_over() };
+        }
     }
 
     /// Closed cleanly: nothing left to answer or send after a DISC/ABORT/shutdown.
     pub fn finished(&self) -> bool {
-        (self.phase == Phase::Draining || self.shutting_down)
+        matches!(self.phase, Phase::Draining { .. } | Phase::ShuttingDown { .. })
             && self.in_flight == 0
             && self.out.is_empty()
             && !self.sending
             // Handed over: every request already sent gets its ESHUTDOWN before the close.
-            && !(self.handed_over && (self.read_ready || self.carry_ready()))
+            && !(self.handed_over() && (self.read_ready || self.carry_ready()))
+    }
+
+    /// Whether this connection declared itself a migration sender (or is taken for one on an
+    /// oldstyle listen server).
+    pub fn is_migration_sender(&self) -> bool {
+        self.role.is_sender()
+    }
+
+    /// The migration this connection said it is (`FlexnbdSender`), whether or not we are its
+    /// destination.
+    pub fn declared_sender(&self) -> Option<u64> {
+        self.role.declared_sender()
     }
 
     /// Would reading now make progress (edge seen, not paused)?
@@ -243,7 +277,7 @@ impl<S: Stream> ClientConn<S> {
     }
 
     fn paused(&self, ctx: &Ctx) -> bool {
-        self.phase == Phase::Draining
+        matches!(self.phase, Phase::Draining { .. })
             || ctx.frozen
             || self.budget_wait
             || self.in_flight_bytes + self.out.bytes() + self.lent_backlog() >= ctx.cfg.max_in_flight_bytes
@@ -301,9 +335,9 @@ impl<S: Stream> ClientConn<S> {
             return self.fail(Fatal::Io(e));
         }
         if self.finished() {
-            // The migration is complete only when its sender's data is all answered, flushed
+            // The migration is complete only when its sender's data is all answered, durable
             // (or, for an original oldstyle sender, written) and it said goodbye.
-            if self.disc && self.migration_sender && (self.flushed || (ctx.cfg.oldstyle && self.wrote)) {
+            if matches!(self.phase, Phase::Draining { disc: true, .. }) && self.role.completes_on_disc() {
                 *ctx.migration_done = true;
             }
             return Next::Close;
@@ -424,7 +458,7 @@ impl<S: Stream> ClientConn<S> {
                 return Err(Fatal::Eof);
             }
             debug!("{} {}: peer finished sending; answering {} requests", self.id, self.peer, self.in_flight);
-            self.phase = Phase::Draining;
+            self.drain();
         }
         Ok(())
     }
@@ -452,7 +486,7 @@ impl<S: Stream> ClientConn<S> {
                         used
                     }
                 },
-                Phase::Transmission => match &mut self.incoming {
+                Phase::Transmission | Phase::ShuttingDown { .. } => match &mut self.incoming {
                     Incoming::Discard { remaining, .. } => {
                         let k = (*remaining).min(rest.len() as u64);
                         *remaining -= k;
@@ -483,7 +517,7 @@ impl<S: Stream> ClientConn<S> {
                         }
                     },
                 },
-                Phase::Draining => break,
+                Phase::Draining { .. } => break,
             };
             pos += used;
         }
@@ -503,13 +537,13 @@ impl<S: Stream> ClientConn<S> {
             // EXPORT_NAME has no error reply: refusing it means hanging up.
             OptCode::ExportName if data.len() > MAX_STRING_LEN => {
                 info!("{} {}: export name of {} bytes is too long; closing", self.id, self.peer, data.len());
-                self.phase = Phase::Draining;
+                self.drain();
             }
             // A client that agreed to extended headers must use GO (the spec's MUST); this one
             // cannot be told so, as EXPORT_NAME has no error reply.
             OptCode::ExportName if self.extended => {
                 info!("{} {}: EXPORT_NAME after EXTENDED_HEADERS; closing", self.id, self.peer);
-                self.phase = Phase::Draining;
+                self.drain();
             }
             OptCode::ExportName => {
                 let mut b = Vec::with_capacity(134);
@@ -524,7 +558,7 @@ impl<S: Stream> ClientConn<S> {
             }
             OptCode::Abort => {
                 self.opt_reply(code, RepType::Ack, &[]);
-                self.phase = Phase::Draining;
+                self.drain();
             }
             OptCode::List if !data.is_empty() => {
                 self.opt_reply(code, RepType::ErrInvalid, b"LIST takes no data")
@@ -590,9 +624,12 @@ impl<S: Stream> ClientConn<S> {
                 self.meta_context(code, opt == OptCode::SetMetaContext, data)
             }
             OptCode::FlexnbdSender if data.len() == 8 => {
-                self.declared_sender = Some(crate::proto::be64(data));
+                self.role.declare(crate::proto::be64(data));
                 if ctx.cfg.listen {
-                    self.opt_reply(code, RepType::Ack, &[]);
+                    // Our own option, so our own reply: the ACK carries our feature bits.
+                    // Sources before them read no data from this ACK (only the replies to
+                    // FlexnbdMigrate and GO), so they take it as before.
+                    self.opt_reply(code, RepType::Ack, &dest::sender_ack());
                 } else {
                     // Not a destination: the reactor still checks it is not our own mirror come
                     // round through a forwarder; to the sender we are any other server.
@@ -601,16 +638,15 @@ impl<S: Stream> ClientConn<S> {
                 }
             }
             OptCode::FlexnbdMigrate if ctx.cfg.listen && data.is_empty() => {
+                // Who it is came just before, in FlexnbdSender (if it said).
+                let m = self.role.migrate();
                 // A repeated option must not count the connection twice.
-                if !self.migration_sender {
+                if m.joined {
                     ctx.lineage.sender_joined();
                 }
-                self.migration_sender = true;
                 *ctx.new_sender = Some(self.id);
-                // Who it is came just before, in FlexnbdSender (if it said).
-                let sender = self.declared_sender;
                 // Our own option, so our own reply: the ACK carries the resume token.
-                let token = ctx.lineage.sender(sender);
+                let token = ctx.lineage.sender(m.sender);
                 self.opt_reply(code, RepType::Ack, &token.to_be_bytes());
             }
             _ => self.opt_reply(code, RepType::ErrUnsup, b"unsupported option"),
@@ -698,7 +734,7 @@ impl<S: Stream> ClientConn<S> {
             return self.refuse(req, NbdErr::Inval);
         }
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        if self.shutting_down && cmd != Cmd::Disc {
+        if matches!(self.phase, Phase::ShuttingDown { .. }) && cmd != Cmd::Disc {
             return self.refuse(req, NbdErr::Shutdown);
         }
         match cmd {
@@ -711,7 +747,7 @@ impl<S: Stream> ClientConn<S> {
             Cmd::Write if req.len > u64::from(MAX_REQUEST_LEN) => self.refuse(req, NbdErr::Inval),
             Cmd::Write if !inside => self.refuse(req, NbdErr::NoSpc),
             Cmd::Write => {
-                self.note_write(ctx);
+                self.note_write(ctx, fua);
                 self.in_flight += 1;
                 self.in_flight_bytes += req.len as usize;
                 // `wait_for_budget` made sure it fits.
@@ -722,20 +758,19 @@ impl<S: Stream> ClientConn<S> {
             }
             Cmd::Disc => {
                 info!("{} {}: disconnect requested", self.id, self.peer);
-                self.disc = true;
-                self.phase = Phase::Draining;
+                self.phase = Phase::Draining { disc: true, handed_over: self.handed_over() };
             }
             Cmd::Flush => self.submit(ctx, req, Op::Flush, Vec::new()),
             Cmd::Trim if ro => self.reply_error(req, NbdErr::Perm, "not writable now"),
             Cmd::Trim if !inside => self.reply_error(req, NbdErr::Inval, "trim beyond the end"),
             Cmd::Trim => {
-                self.note_write(ctx);
+                self.note_write(ctx, fua);
                 self.submit(ctx, req, Op::Trim { offset: req.offset, len, fua }, Vec::new())
             }
             Cmd::WriteZeroes if ro => self.reply_error(req, NbdErr::Perm, "not writable now"),
             Cmd::WriteZeroes if !inside => self.reply_error(req, NbdErr::NoSpc, "write beyond the end"),
             Cmd::WriteZeroes => {
-                self.note_write(ctx);
+                self.note_write(ctx, fua);
                 let op = Op::Zero {
                     offset: req.offset,
                     len,
@@ -830,19 +865,18 @@ impl<S: Stream> ClientConn<S> {
         if let Some(cookie) = tx::request_cookie(rest) {
             self.error_reply(cookie, 0, false, NbdErr::Inval, "bad request magic");
         }
-        self.phase = Phase::Draining;
+        self.drain();
     }
 
     /// A listen server takes writes from its migration sender only while one is connected.
     fn sender_only(&self, ctx: &Ctx) -> bool {
-        ctx.cfg.listen && !self.migration_sender && ctx.lineage.migrating()
+        ctx.cfg.listen && !self.role.is_sender() && ctx.lineage.migrating()
     }
 
-    /// A write-type request was accepted.
-    fn note_write(&mut self, ctx: &mut Ctx) {
-        self.flushed = false;
-        self.wrote = true;
-        if ctx.cfg.listen && !self.migration_sender {
+    /// A write-type request was accepted (`fua`: it is durable once answered).
+    fn note_write(&mut self, ctx: &mut Ctx, fua: bool) {
+        self.role.note_write(fua);
+        if ctx.cfg.listen && !self.role.is_sender() {
             ctx.lineage.foreign_write();
         }
     }
@@ -867,7 +901,7 @@ impl<S: Stream> ClientConn<S> {
             // in_flight was counted when the header arrived.
             self.in_flight -= 1;
             self.in_flight_bytes -= buf.len();
-            if self.handed_over {
+            if self.handed_over() {
                 ctx.bufs.give(buf);
                 return self.reply_error(req, NbdErr::Shutdown, "migrated away");
             }
@@ -998,11 +1032,14 @@ impl<S: Stream> ClientConn<S> {
             (Op::Extents { offset, .. }, Ok(ext)) => self.reply_extents(cookie, offset, &ext),
             (op, Ok(_)) => {
                 if matches!(op, Op::Flush) {
-                    self.flushed = true;
+                    self.role.flushed();
                 }
                 self.reply_done(cookie, op_offset(&op));
             }
             (op, Err(e)) => {
+                if op.modifies() {
+                    self.role.write_failed();
+                }
                 let err = errno_to_nbd(&e);
                 warn!("{} {}: {op:?} failed: {e}", self.id, self.peer);
                 let is_read = matches!(op, Op::Read { .. } | Op::Extents { .. });

@@ -56,62 +56,9 @@ pub struct Ctx<'a> {
     /// Jobs run inline; the reactor handles them exactly like the pool's completions.
     pub inline_done: &'a mut Vec<crate::io_pool::Completion>,
     /// What a `listen` server tells migration senders about its file (see `Lineage`).
-    pub lineage: &'a mut Lineage,
+    pub lineage: &'a mut crate::migration::dest::Lineage,
     /// Memory for WRITE payloads, shared by every client.
     pub budget: &'a mut crate::budget::PayloadBudget,
-}
-
-/// A `listen` server's token for "your copy here is as you left it". A migration sender whose
-/// attempt was cut resumes from its last checkpoint only when it is given the same token again;
-/// any other token makes it copy everything. So the token moves on whenever the file may hold
-/// something that sender did not write: another sender declared itself (two sources pointed at
-/// one destination), a sender did not say who it is, or a plain client wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lineage {
-    token: u64,
-    sender: Option<u64>,
-    /// Declared senders still connected: while there is one, only senders may change the file.
-    open_senders: usize,
-}
-
-impl Lineage {
-    /// `seed` is random per process, so another process never hands out a token seen here.
-    pub fn new(seed: u64) -> Lineage {
-        Lineage { token: seed, sender: None, open_senders: 0 }
-    }
-
-    /// Whether a migration attempt is connected. A plain client's write now would land in the
-    /// middle of the incoming copy, or after the last pass over its range; between attempts it
-    /// only makes the next attempt copy everything (`foreign_write`).
-    pub fn migrating(&self) -> bool {
-        self.open_senders > 0
-    }
-
-    /// A connection declared itself a sender (once per connection).
-    pub fn sender_joined(&mut self) {
-        self.open_senders += 1;
-    }
-
-    /// A sender's connection closed. Oldstyle senders never declare themselves, so they never
-    /// joined: the count saturates at zero rather than tracking them.
-    pub fn sender_left(&mut self) {
-        self.open_senders = self.open_senders.saturating_sub(1);
-    }
-
-    /// A migration sender declared itself (`id` is None if it did not say who it is); returns
-    /// the token to give it.
-    pub fn sender(&mut self, id: Option<u64>) -> u64 {
-        if id.is_none() || id != self.sender {
-            self.token = self.token.wrapping_add(1);
-        }
-        self.sender = id;
-        self.token
-    }
-
-    /// Someone other than a migration sender changed the file.
-    pub fn foreign_write(&mut self) {
-        self.token = self.token.wrapping_add(1);
-    }
 }
 
 /// Small buffered writes (and, where RWF_NOWAIT reads are unsupported, small reads) usually
@@ -210,7 +157,7 @@ pub enum Next {
 
 #[cfg(test)]
 mod tests {
-    use super::{InlineIo, Lineage};
+    use super::InlineIo;
     use crate::io_pool::{Job, Op};
     use crate::token::ConnId;
     use std::time::Duration;
@@ -254,37 +201,5 @@ mod tests {
         let mut io = InlineIo::default();
         io.took(InlineIo::STALL);
         assert!(!io.allows(&small_write()));
-    }
-
-    #[test]
-    fn a_sender_keeps_its_token_until_someone_else_writes() {
-        let mut l = Lineage::new(100);
-        let a = l.sender(Some(7));
-        assert_eq!(l.sender(Some(7)), a, "the same sender coming back resumes");
-        let b = l.sender(Some(8));
-        assert_ne!(b, a, "another sender");
-        assert_ne!(l.sender(Some(7)), a, "the first sender after another one wrote");
-        let c = l.sender(Some(7));
-        l.foreign_write();
-        assert_ne!(l.sender(Some(7)), c, "after a plain client wrote");
-        let d = l.sender(None);
-        assert_ne!(l.sender(None), d, "a sender that does not say who it is never resumes");
-    }
-
-    #[test]
-    fn plain_writes_are_refused_only_while_a_sender_is_connected() {
-        let mut l = Lineage::new(5);
-        assert!(!l.migrating());
-        l.sender(Some(1));
-        assert!(!l.migrating(), "a token alone does not count as a connection");
-        l.sender_joined();
-        l.sender_joined();
-        assert!(l.migrating());
-        l.sender_left();
-        assert!(l.migrating(), "the newer connection is still there");
-        l.sender_left();
-        assert!(!l.migrating());
-        l.sender_left();
-        assert!(!l.migrating());
     }
 }

@@ -191,7 +191,7 @@ impl Sim {
         let queue = Queue(RefCell::new(Vec::new()));
         let (mut done, mut writes, mut requests, mut new_sender) = (false, 0usize, 0u64, None);
         let mut bufs = crate::buffer::BufPool::default();
-        let mut lineage = crate::conn::Lineage::new(1);
+        let mut lineage = crate::migration::dest::Lineage::new(1);
         let mut inline = super::InlineIo::default();
         let mut inline_done = Vec::new();
         // Small, so that a second big write in flight waits for the first (the budget's path).

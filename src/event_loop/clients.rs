@@ -33,7 +33,7 @@ impl Server {
                 self.core.num_clients -= 1;
                 self.core.budget.release(c.unfinished_payload());
                 self.watch.client_left(self.core.num_clients);
-                if c.migration_sender {
+                if c.is_migration_sender() {
                     self.core.lineage.sender_left();
                 }
                 if self.core.num_clients == 0 {

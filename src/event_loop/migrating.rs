@@ -58,7 +58,7 @@ impl Server {
         let Some(own) = self.running_mirror().map(|m| m.source().sender()) else { return };
         // Scan rather than look up the new sender: two declarations in one pass keep only one.
         let Some((k, c)) = self.conns.iter().find_map(|(k, c)| match c {
-            Conn::Client(c) if c.declared_sender == Some(own) => Some((k, c)),
+            Conn::Client(c) if c.declared_sender() == Some(own) => Some((k, c)),
             _ => None,
         }) else {
             return;
@@ -93,7 +93,7 @@ impl Server {
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.migration_sender && c.id != id => Some(Token(k)),
+                Conn::Client(c) if c.is_migration_sender() && c.id != id => Some(Token(k)),
                 _ => None,
             })
             .collect();

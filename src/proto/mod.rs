@@ -120,11 +120,12 @@ wire_enum!(
     }
 );
 
-/// A bit in a flexnbd `listen` server's answer to FlexnbdSender (8 bytes, big-endian): it counts
-/// FUA writes as durable for the handover, so a source may send its final pass with FUA and
-/// skip the final FLUSH. Older sources ignore the answer's payload, older destinations send
-/// none, so each side falls back to the final FLUSH.
-pub const SENDER_FEATURE_FUA_HANDOVER: u64 = 1;
+/// Feature bit in a `listen` server's ACK to `FlexnbdSender` (8 bytes, a big-endian u64 of
+/// feature bits): this server counts a FUA write as durable for the handover, so a source may
+/// send its final pass with FUA and skip the final FLUSH (the handover then costs one round
+/// trip). Sources that predate the bits ignore the ACK's data, and a source finding no data
+/// (an older destination) assumes no bits, so this works both ways.
+pub const SENDER_FEATURE_FUA_HANDOVER: u64 = 1 << 0;
 
 wire_enum!(
     /// NBD_REP_* option reply types.

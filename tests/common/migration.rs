@@ -52,14 +52,25 @@ pub fn listen(file: &Path, sock: Option<&Path>, extra: &[&str]) -> Server {
 /// Declares a raw connection a migration sender, the way our mirror does: FlexnbdSender with
 /// the migration's id, then FlexnbdMigrate; then GO.
 pub fn declare_sender(addr: SocketAddr, id: u64) -> Nbd {
+    declare_sender_with_features(addr, id).0
+}
+
+/// Bit 0 of the feature bits a listen server's ACK to FlexnbdSender carries: it counts FUA
+/// writes as durable for the handover.
+pub const SENDER_FEATURE_FUA_HANDOVER: u64 = 1;
+
+/// `declare_sender`, also returning the feature bits in the ACK to FlexnbdSender (a big-endian
+/// u64; None if the ACK carried no 8 bytes).
+pub fn declare_sender_with_features(addr: SocketAddr, id: u64) -> (Nbd, Option<u64>) {
     const OPT_FLEXNBD_MIGRATE: u32 = 0x4658_0001;
     const OPT_FLEXNBD_SENDER: u32 = 0x4658_0002;
     let mut n = Negotiation::start(addr).expect("sender: greeting");
     let r = n.option(OPT_FLEXNBD_SENDER, &id.to_be_bytes()).expect("sender: id option");
     assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender id refused: {r:?}");
+    let features = r.last().and_then(|r| r.data.as_slice().try_into().ok()).map(u64::from_be_bytes);
     let r = n.option(OPT_FLEXNBD_MIGRATE, &[]).expect("sender: migrate option");
     assert!(r.last().is_some_and(|r| r.typ == REP_ACK), "sender refused: {r:?}");
-    n.go("", &[]).expect("sender: GO").0
+    (n.go("", &[]).expect("sender: GO").0, features)
 }
 
 /// A source alone (for refusals): its directory, file, control socket and process.

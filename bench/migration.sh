@@ -28,6 +28,23 @@
 #                      of created sparse, so no test pays for the first touch of fresh memory
 #                      (on the benchmark VM that made idle migrations bimodal, 0.4-2.1 GB/s)
 #   SMOKE=1            64 MiB, 1 round, short runtimes; for CI (~30-40 s)
+#   BASIC=1            0: skip tests 1-4 and run only the optional rounds below
+#
+# Optional rounds (off by default):
+#   RTT_MS="0.2 10 40" round trip times (ms): per RTT, test 2's migration (fio at LOAD_IOPS on
+#                      the source) runs through a user-space delay proxy between the source and
+#                      the destination; reports migration time and MB/s, link use (MB/s, % of
+#                      LINK_MBIT) and the freeze next to the RTT ("" = off)
+#   LINK_MBIT=1000     the proxy's rate limit per direction (Mbit/s)
+#   WANEM=path         the proxy (a python3 script taking LISTEN_PORT TARGET_PORT --rtt-ms R
+#                      --mbit B; it reports "link c->s: N B in T s" on SIGTERM); needed for RTT_MS
+#   UNTHROTTLED=1      migration under an unthrottled writer: fio randwrite 4 KiB, iodepth
+#                      UNT_IODEPTH, no rate limit, on the source from UNT_DELAY s before the
+#                      mirror until the handover; reports migration time (or no convergence
+#                      within CMD_TIMEOUT), passes, the dirty remainder at the freeze, the
+#                      freeze, and fio IOPS and clat p99/max during the migration against the
+#                      same load for UNT_BASE_RUNTIME s without one; checks the data
+#   UNT_IODEPTH=16  UNT_DELAY=2  UNT_BASE_RUNTIME=5
 # Exit status: 0 if every measurement and check succeeded (targets missed do not fail the
 # run unless STRICT=1), 1 if any failed, 2 on a setup error.
 {
@@ -53,15 +70,29 @@ RESULTS_MD=${RESULTS_MD-$HERE/migration-results.md}
 KEEP=${KEEP:-0}
 DEST_FILLED=${DEST_FILLED:-0}
 STRICT=${STRICT:-0}
+BASIC=${BASIC:-1}
+RTT_MS=${RTT_MS:-}
+LINK_MBIT=${LINK_MBIT:-1000}
+WANEM=${WANEM:-}
+UNTHROTTLED=${UNTHROTTLED:-0}
+UNT_IODEPTH=${UNT_IODEPTH:-16}
+UNT_DELAY=${UNT_DELAY:-2}
+UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME:-5}
 
 LOG_TAG=migbench
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
 parse_size
-for v in ROUNDS LOAD_IOPS LOAD_DELAY BASE_RUNTIME LAT_RUNTIME CMD_TIMEOUT; do
+for v in ROUNDS LOAD_IOPS LOAD_DELAY BASE_RUNTIME LAT_RUNTIME CMD_TIMEOUT LINK_MBIT UNT_IODEPTH UNT_DELAY UNT_BASE_RUNTIME; do
     [[ ${!v} =~ ^[0-9]+$ ]] && (( ${!v} >= 1 )) || die "bad $v=${!v}"
 done
+for v in BASIC UNTHROTTLED; do [[ ${!v} == [01] ]] || die "bad $v=${!v} (0 or 1)"; done
+read -ra RTTS <<<"$RTT_MS"
+for v in "${RTTS[@]}"; do [[ $v =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "bad RTT_MS entry $v (milliseconds)"; done
+if (( ${#RTTS[@]} > 0 )); then
+    [[ -n $WANEM && -r $WANEM ]] || die "RTT_MS needs WANEM=/path/to/the delay proxy (got '${WANEM}')"
+fi
 LAT_MAX_BPS=${LAT_MAX_BPS:-$(( SIZE_BYTES / (LAT_RUNTIME + 3) ))}
 for t in nbdinfo nbdcopy fio python3 numfmt timeout cmp; do
     command -v "$t" >/dev/null || die "missing tool: $t (bench/install-deps.sh installs them)"
@@ -340,25 +371,234 @@ test_latency_mig() {  # r
     fi
 }
 
+# ---------------------------------------------------------------- optional rounds
+# "pass N done, D bytes dirty: freezing clients" -> "N D FREEZES" (the last freeze; the first
+# sweep is pass 0; FREEZES counts every freeze begun, abandoned ones included)
+freeze_facts() {
+    python3 - "$1" <<'PY'
+import re, sys
+last, n = None, 0
+for line in open(sys.argv[1], errors="replace"):
+    x = re.search(r"pass (\d+) done, (\d+) bytes dirty: freezing clients", line)
+    if x: last, n = x, n + 1
+if not last: sys.exit(1)
+print(last.group(1), last.group(2), n)
+PY
+}
+
+# start_proxy VAR TARGET_PORT RTT LOG: the delay proxy in front of TARGET_PORT; sets ${VAR}_PID
+# and ${VAR}_PORT once it listens (it prints "... -> 127.0.0.1:TARGET_PORT" after binding).
+start_proxy() {
+    local var=$1 target=$2 rtt=$3 logf=$4 port pid i
+    port=$(free_port)
+    python3 "$WANEM" "$port" "$target" --rtt-ms "$rtt" --mbit "$LINK_MBIT" >"$logf" 2>&1 9>&- &
+    pid=$!; STARTED_PIDS+=("$pid")
+    printf -v "${var}_PID" %s "$pid"; printf -v "${var}_PORT" %s "$port"
+    for ((i = 0; i < 100; i++)); do
+        grep -q -- "-> 127.0.0.1:$target" "$logf" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { log "delay proxy exited at startup:"; sed 's/^/    /' "$logf" >&2; return 1; }
+        sleep 0.1
+    done
+    log "delay proxy not ready on port $port after 10 s"; return 1
+}
+# "link c->s: N B in T s = R MB/s" (printed on SIGTERM) -> "N T"
+proxy_link() {
+    python3 - "$1" <<'PY'
+import re, sys
+m = None
+for line in open(sys.argv[1], errors="replace"):
+    x = re.search(r"link c->s: (\d+) B in ([0-9.]+) s", line)
+    if x: m = x
+if not m or float(m.group(2)) <= 0: sys.exit(1)
+print(m.group(1), m.group(2))
+PY
+}
+
+test_rtt() {  # r rtt: test 2 with the destination behind the delay proxy
+    local r=$1 rtt=$2 L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v tag k
+    tag="rtt$rtt-r$r"; k="rtt$rtt"
+    fresh_files || { fail "$r" "${k}_mig_s" "file setup failed"; return; }
+    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/$tag-src.log" \
+        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/$tag-dst.log" \
+        && start_proxy W "$D_PORT" "$rtt" "$L/$tag-proxy.log" \
+        || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; stop_srv "${W_PID:-}"; return; }
+    fio --name=load "${FIO_COMMON[@]}" --uri="nbd://127.0.0.1:$S_PORT" --runtime=$((CMD_TIMEOUT + 60)) \
+        --continue_on_error=all --output-format=json --output="$L/$tag-fio.json" \
+        >"$L/$tag-fio.stdout" 2>&1 9>&- &
+    fio_pid=$!; STARTED_PIDS+=("$fio_pid")
+    sleep "$LOAD_DELAY"
+    if ! kill -0 "$fio_pid" 2>/dev/null; then
+        fail "$r" "${k}_mig_s" "fio load died before the mirror started: $(tail -5 "$L/$tag-fio.stdout" | tr '\n' '|')"
+        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
+    fi
+    t0=$(now)
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$W_PORT" -s "$BENCH_DIR/s.sock" --wait \
+        >"$L/$tag-mirror.out" 2>&1 9>&-
+    rc=$?; t1=$(now)
+    kill -0 "$fio_pid" 2>/dev/null || note "r$r rtt $rtt ms: fio was no longer running at the handover (load stopped early?)"
+    kill_pid "$fio_pid"; forget_pid "$fio_pid"
+    if (( rc == 0 )); then
+        secs=$(elapsed "$t0" "$t1")
+        record "$r" "${k}_mig_s" "$secs"
+        record "$r" "${k}_mig_mbps" "$(calc "$SIZE_BYTES/1e6/$secs")"
+        if v=$(freeze_ms "$L/$tag-src.log"); then
+            record "$r" "${k}_freeze_ms" "$v"
+        else
+            fail "$r" "${k}_freeze_ms" "no 'clients were held for' line in the source log"
+        fi
+        v=$(freeze_facts "$L/$tag-src.log") && record "$r" "${k}_passes" "$(( ${v%% *} + 1 ))"
+        check_exits "$r" "migration at rtt $rtt ms" "$S_PID" "$D_PID" "$L/$tag-src.log" "$L/$tag-dst.log"
+        cmp -s "$SRCF" "$DSTF" || fail "$r" "${k}_data" "destination differs from the source after the migration at rtt $rtt ms"
+    else
+        fail "$r" "${k}_mig_s" "mirror --wait exited $rc: $(tr '\n' '|' <"$L/$tag-mirror.out")"
+        note "r$r migration at rtt $rtt ms failed; source log tail: $(tail -5 "$L/$tag-src.log" | tr '\n' '|')"
+        stop_srv "$S_PID"; stop_srv "$D_PID"
+    fi
+    # SIGTERM makes the proxy print what crossed the link (source -> destination)
+    stop_srv "$W_PID"
+    if (( rc == 0 )); then
+        if v=$(proxy_link "$L/$tag-proxy.log"); then
+            record "$r" "${k}_link_mbps" "$(calc "${v% *}/1e6/${v#* }")"
+        else
+            fail "$r" "${k}_link_mbps" "no link summary from the delay proxy: $(tail -3 "$L/$tag-proxy.log" | tr '\n' '|')"
+        fi
+    fi
+}
+
+# The unthrottled writer. fio's stats start after --ramp_time (when the mirror starts), and
+# without continue_on_error it stops at the first failed write, which is the source closing
+# its clients at the handover; so its IOPS and latencies cover the migration. The writes held
+# by the freeze never complete and are in no latency.
+UNT_FIO=(--ioengine=nbd --rw=randwrite --bs=4k --iodepth="$UNT_IODEPTH" --numjobs=1
+         --norandommap --randrepeat=0 --time_based --ramp_time="$UNT_DELAY")
+# fio_unt_stats JSON -> "iops p99_us max_us total_ios"
+fio_unt_stats() {
+    python3 - "$1" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+if j["total_ios"] <= 0: sys.exit(1)
+c = j["clat_ns"]
+print(j["iops"], c["percentile"]["99.000000"] / 1e3, c["max"] / 1e3, j["total_ios"])
+PY
+}
+
+test_unthrottled_base() {  # r
+    local r=$1 L=$BENCH_DIR/logs v a b c
+    fresh_files || { fail "$r" unt_base_iops "file setup failed"; return; }
+    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/unb-src-r$r.log" \
+        || { fail "$r" unt_base_iops "server did not start"; stop_srv "${S_PID:-}"; return; }
+    timeout --kill-after=5 $((UNT_DELAY + UNT_BASE_RUNTIME + 60)) fio --name=unt "${UNT_FIO[@]}" \
+        --uri="nbd://127.0.0.1:$S_PORT" --runtime="$UNT_BASE_RUNTIME" \
+        --output-format=json --output="$L/unb-fio-r$r.json" >"$L/unb-fio-r$r.stdout" 2>&1 9>&-
+    if v=$(fio_unt_stats "$L/unb-fio-r$r.json" 2>/dev/null); then
+        read -r a b c _ <<<"$v"
+        record "$r" unt_base_iops "$a"; record "$r" unt_base_p99 "$b"; record "$r" unt_base_max "$c"
+    else
+        fail "$r" unt_base_iops "fio failed: $(tail -5 "$L/unb-fio-r$r.stdout" | tr '\n' '|')"
+    fi
+    stop_srv "$S_PID"
+}
+
+test_unthrottled() {  # r
+    local r=$1 L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v a b c n0 i
+    fresh_files || { fail "$r" unt_mig_s "file setup failed"; return; }
+    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/unt-src-r$r.log" \
+        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/unt-dst-r$r.log" \
+        || { fail "$r" unt_mig_s "servers did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; return; }
+    n0=$(grep -c ': connected$' "$L/unt-src-r$r.log")
+    fio --name=unt "${UNT_FIO[@]}" --uri="nbd://127.0.0.1:$S_PORT" --runtime=$((CMD_TIMEOUT + 60)) \
+        --output-format=json --output="$L/unt-fio-r$r.json" >"$L/unt-fio-r$r.stdout" 2>&1 9>&- &
+    fio_pid=$!; STARTED_PIDS+=("$fio_pid")
+    # fio's ramp starts once it has connected; the mirror starts just after the ramp ends
+    for ((i = 0; i < 100; i++)); do
+        (( $(grep -c ': connected$' "$L/unt-src-r$r.log") > n0 )) && break
+        kill -0 "$fio_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    sleep "$UNT_DELAY.1"
+    if ! kill -0 "$fio_pid" 2>/dev/null; then
+        fail "$r" unt_mig_s "fio died before the mirror started: $(tail -5 "$L/unt-fio-r$r.stdout" | tr '\n' '|')"
+        stop_srv "$S_PID"; stop_srv "$D_PID"; return
+    fi
+    t0=$(now)
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
+        >"$L/unt-mirror-r$r.out" 2>&1 9>&-
+    rc=$?; t1=$(now)
+    if (( rc == 124 )); then
+        # not a harness failure: the target is that it converges, and this says it did not
+        record "$r" unt_converged 0
+        v=$(freeze_facts "$L/unt-src-r$r.log") || v="- - 0"
+        note "r$r unthrottled: the migration did not converge within CMD_TIMEOUT=${CMD_TIMEOUT}s (${v##* } freezes begun)"
+        kill_pid "$fio_pid"; forget_pid "$fio_pid"
+        stop_srv "$S_PID"; stop_srv "$D_PID"; return
+    fi
+    # fio stops by itself once the source closes its connection at the handover
+    wait_exit "$fio_pid" 30
+    [[ $WAIT_RC == timeout ]] && { note "r$r unthrottled: fio still ran 30 s after the migration ended"; kill_pid "$fio_pid"; }
+    forget_pid "$fio_pid"
+    if (( rc != 0 )); then
+        fail "$r" unt_mig_s "mirror --wait exited $rc: $(tr '\n' '|' <"$L/unt-mirror-r$r.out")"
+        note "r$r unthrottled migration failed; source log tail: $(tail -5 "$L/unt-src-r$r.log" | tr '\n' '|')"
+        stop_srv "$S_PID"; stop_srv "$D_PID"; return
+    fi
+    secs=$(elapsed "$t0" "$t1")
+    record "$r" unt_converged 1
+    record "$r" unt_mig_s "$secs"
+    if v=$(freeze_facts "$L/unt-src-r$r.log"); then
+        read -r a b c <<<"$v"
+        record "$r" unt_passes "$((a + 1))"; record "$r" unt_remainder "$b"; record "$r" unt_freezes "$c"
+    else
+        fail "$r" unt_remainder "no 'freezing clients' line in the source log"
+    fi
+    if v=$(freeze_ms "$L/unt-src-r$r.log"); then
+        record "$r" unt_freeze_ms "$v"
+    else
+        fail "$r" unt_freeze_ms "no 'clients were held for' line in the source log"
+    fi
+    if v=$(fio_unt_stats "$L/unt-fio-r$r.json" 2>/dev/null); then
+        read -r a b c _ <<<"$v"
+        record "$r" unt_mig_iops "$a"; record "$r" unt_mig_p99 "$b"; record "$r" unt_mig_max "$c"
+    else
+        fail "$r" unt_mig_iops "no fio stats for the migration: $(tail -5 "$L/unt-fio-r$r.stdout" | tr '\n' '|')"
+    fi
+    check_exits "$r" "migration under an unthrottled writer" "$S_PID" "$D_PID" "$L/unt-src-r$r.log" "$L/unt-dst-r$r.log"
+    cmp -s "$SRCF" "$DSTF" || fail "$r" unt_data "destination differs from the source after the migration under an unthrottled writer"
+}
+
 # ---------------------------------------------------------------- main
 for ((r = 1; r <= ROUNDS; r++)); do
     log "round $r/$ROUNDS (1-min load $(cut -d' ' -f1 /proc/loadavg))"
-    if (( r % 2 == 1 )); then test_migration_speed "$r"; test_nbdcopy "$r"
-    else test_nbdcopy "$r"; test_migration_speed "$r"; fi
-    test_converge "$r"
-    if (( r % 2 == 1 )); then test_latency_base "$r"; test_latency_mig "$r"
-    else test_latency_mig "$r"; test_latency_base "$r"; fi
+    if [[ $BASIC == 1 ]]; then
+        if (( r % 2 == 1 )); then test_migration_speed "$r"; test_nbdcopy "$r"
+        else test_nbdcopy "$r"; test_migration_speed "$r"; fi
+        test_converge "$r"
+        if (( r % 2 == 1 )); then test_latency_base "$r"; test_latency_mig "$r"
+        else test_latency_mig "$r"; test_latency_base "$r"; fi
+    fi
+    for ((i = 0; i < ${#RTTS[@]}; i++)); do   # the order reverses every other round
+        if (( r % 2 == 1 )); then test_rtt "$r" "${RTTS[i]}"; else test_rtt "$r" "${RTTS[-1 - i]}"; fi
+    done
+    if [[ $UNTHROTTLED == 1 ]]; then
+        if (( r % 2 == 1 )); then test_unthrottled_base "$r"; test_unthrottled "$r"
+        else test_unthrottled "$r"; test_unthrottled_base "$r"; fi
+    fi
 done
 
 # ---------------------------------------------------------------- report
-META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
-python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" <<'EOF'
+OPT=""
+[[ $BASIC == 1 ]] || OPT+=" BASIC=0"
+(( ${#RTTS[@]} > 0 )) && OPT+=" RTT_MS=\"${RTTS[*]}\" LINK_MBIT=$LINK_MBIT"
+[[ $UNTHROTTLED == 1 ]] && OPT+=" UNTHROTTLED=1 UNT_IODEPTH=$UNT_IODEPTH UNT_DELAY=${UNT_DELAY}s UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME}s"
+META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED$OPT CMD_TIMEOUT=${CMD_TIMEOUT}s; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
+python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" "$BASIC" "${RTTS[*]}" "$LINK_MBIT" "$UNTHROTTLED" "$SIZE_BYTES" <<'EOF'
 import math, statistics, sys
-raw, notes, md_path, meta, strict = sys.argv[1:6]
-vals = {}
+raw, notes, md_path, meta, strict, basic, rtts, link_mbit, unthrottled, size = sys.argv[1:11]
+rtts, link_mbit, size = rtts.split(), float(link_mbit), int(size)
+vals, by_round = {}, {}
 for line in open(raw):
     r, m, v = line.rstrip("\n").split("\t")
     vals.setdefault(m, []).append(float(v))
+    by_round[(int(r), m)] = float(v)
 def med(m):
     xs = vals.get(m, [])
     if not xs or any(math.isnan(x) for x in xs): return None
@@ -378,32 +618,98 @@ def row(name, v, target="", ok=None, nd=3, suffix=""):
     met = "-" if ok is None else ("yes" if ok else "NO")
     if v is None and target: met = "FAIL"
     rows.append((name, fmt(v, nd) + (suffix if v is not None else ""), target or "-", met))
-mig, cp = med("mig_mbps"), med("nbdcopy_mbps")
-row("migration throughput, idle, MB/s", mig)
-row("nbdcopy serve->serve, MB/s", cp)
-rt = ratio(mig, cp)
-row("migration / nbdcopy", rt, ">= 0.90x", None if rt is None else rt >= 0.90, suffix="x")
-row("converge under 4K randwrite load, s (mirror start -> handover)", med("converge_s"))
-row("passes before freezing, under load", med("converge_passes"))
-fz = med("freeze_ms")
-row("freeze window under load, ms (median)", fz, "<= 50 ms", None if fz is None else fz <= 50)
-fzx = mx("freeze_ms")
-row("freeze window under load, ms (worst round)", fzx, "<= 50 ms", None if fzx is None else fzx <= 50)
-row("freeze window idle, ms", med("freeze_idle_ms"))
-b50, b99, m50, m99 = med("lat_base_p50"), med("lat_base_p99"), med("lat_mig_p50"), med("lat_mig_p99")
-row("write clat p50 without migration, us", b50)
-row("write clat p50 during migration, us", m50)
-row("write clat p99 without migration, us", b99)
-row("write clat p99 during migration, us", m99)
-r50 = ratio(m50, b50)
-row("p50 during / without", r50, suffix="x")
-r99 = ratio(m99, b99)
-row("p99 during / without", r99, "<= 2x", None if r99 is None else r99 <= 2.0, suffix="x")
+def basic_rows():
+    mig, cp = med("mig_mbps"), med("nbdcopy_mbps")
+    row("migration throughput, idle, MB/s", mig)
+    row("nbdcopy serve->serve, MB/s", cp)
+    rt = ratio(mig, cp)
+    row("migration / nbdcopy", rt, ">= 0.90x", None if rt is None else rt >= 0.90, suffix="x")
+    row("converge under 4K randwrite load, s (mirror start -> handover)", med("converge_s"))
+    row("passes before freezing, under load", med("converge_passes"))
+    fz = med("freeze_ms")
+    row("freeze window under load, ms (median)", fz, "<= 50 ms", None if fz is None else fz <= 50)
+    fzx = mx("freeze_ms")
+    row("freeze window under load, ms (worst round)", fzx, "<= 50 ms", None if fzx is None else fzx <= 50)
+    row("freeze window idle, ms", med("freeze_idle_ms"))
+    b50, b99, m50, m99 = med("lat_base_p50"), med("lat_base_p99"), med("lat_mig_p50"), med("lat_mig_p99")
+    row("write clat p50 without migration, us", b50)
+    row("write clat p50 during migration, us", m50)
+    row("write clat p99 without migration, us", b99)
+    row("write clat p99 during migration, us", m99)
+    r50 = ratio(m50, b50)
+    row("p50 during / without", r50, suffix="x")
+    r99 = ratio(m99, b99)
+    row("p99 during / without", r99, "<= 2x", None if r99 is None else r99 <= 2.0, suffix="x")
+if basic == "1":
+    basic_rows()
+
+def unthrottled_rows():
+    conv = vals.get("unt_converged", [])
+    k = sum(1 for x in conv if x == 1)
+    rows.append(("unthrottled: rounds that converged within CMD_TIMEOUT", f"{k}/{len(conv)}",
+                 "every round", "yes" if conv and k == len(conv) else "NO"))
+    if k == 0:
+        return
+    row("unthrottled: migration, s (mirror start -> handover)", med("unt_mig_s"))
+    row("unthrottled: passes before the freeze (the first sweep is one)", med("unt_passes"))
+    row("unthrottled: freezes begun (abandoned ones too)", med("unt_freezes"))
+    rem = med("unt_remainder")
+    row("unthrottled: dirty at the freeze, MB", None if rem is None else rem / 1e6)
+    row("unthrottled: dirty at the freeze, % of the export", None if rem is None else 100 * rem / size, suffix="%")
+    fz, fzx = med("unt_freeze_ms"), mx("unt_freeze_ms")
+    row("unthrottled: freeze, ms (median)", fz, "<= 50 ms", None if fz is None else fz <= 50)
+    row("unthrottled: freeze, ms (worst round)", fzx, "<= 50 ms", None if fzx is None else fzx <= 50)
+    bi, mi = med("unt_base_iops"), med("unt_mig_iops")
+    row("unthrottled: fio IOPS without migration", bi)
+    row("unthrottled: fio IOPS during migration", mi)
+    row("unthrottled: IOPS during / without", ratio(mi, bi), suffix="x")
+    row("unthrottled: clat p99 without migration, us", med("unt_base_p99"))
+    row("unthrottled: clat p99 during migration, us", med("unt_mig_p99"))
+    row("unthrottled: clat max without migration, us", med("unt_base_max"))
+    row("unthrottled: clat max during migration, us", med("unt_mig_max"))
+if unthrottled == "1":
+    unthrottled_rows()
+
+# the unthrottled round has been bimodal (the writer or the migration wins the CPUs), so each
+# round is shown too
+unt_hdr = ("round", "migration s", "passes", "dirty at freeze MB", "freeze ms", "IOPS during",
+           "IOPS without", "p99 during us", "max during us")
+unt_rows = []
+if unthrottled == "1":
+    for r in sorted({r for r, m in by_round if m == "unt_converged"}):
+        g = lambda m, scale=1: None if math.isnan(by_round.get((r, m), math.nan)) else by_round[(r, m)] * scale
+        conv = by_round[(r, "unt_converged")] == 1
+        unt_rows.append((r, fmt(g("unt_mig_s")) if conv else "no convergence", fmt(g("unt_passes")),
+                         fmt(g("unt_remainder", 1e-6)), fmt(g("unt_freeze_ms")), fmt(g("unt_mig_iops")),
+                         fmt(g("unt_base_iops")), fmt(g("unt_mig_p99")), fmt(g("unt_mig_max"))))
+
+# RTT round: one line per round trip time
+link_MBps = link_mbit / 8
+rtt_hdr = ("RTT ms", "migration s", "migration MB/s", "link MB/s", "link % of " + f"{link_mbit:g} Mbit",
+           "freeze ms", "freeze - RTT ms", "worst freeze - RTT", "passes")
+rtt_rows = []
+for t in rtts:
+    k, rt = f"rtt{t}", float(t)
+    fz, fzx, lk = med(k + "_freeze_ms"), mx(k + "_freeze_ms"), med(k + "_link_mbps")
+    rtt_rows.append((t, fmt(med(k + "_mig_s")), fmt(med(k + "_mig_mbps")), fmt(lk),
+                     fmt(None if lk is None else 100 * lk / link_MBps, 3) + ("%" if lk else ""),
+                     fmt(fz), fmt(None if fz is None else fz - rt), fmt(None if fzx is None else fzx - rt),
+                     fmt(med(k + "_passes"))))
 hdr = ("metric", "value", "target", "met?")
 w = [max(len(str(x[i])) for x in rows + [hdr]) for i in range(4)]
 print(f"flexnbd migration benchmark: medians of {n} round(s)")
 for x in [hdr] + rows:
     print("  ".join(str(c).ljust(w[i]) if i == 0 else str(c).rjust(w[i]) for i, c in enumerate(x)))
+if unt_rows:
+    uw = [max(len(str(x[i])) for x in unt_rows + [unt_hdr]) for i in range(len(unt_hdr))]
+    print("\nunthrottled writer, each round")
+    for x in [unt_hdr] + unt_rows:
+        print("  ".join(str(c).rjust(uw[i]) for i, c in enumerate(x)))
+if rtt_rows:
+    rw = [max(len(str(x[i])) for x in rtt_rows + [rtt_hdr]) for i in range(len(rtt_hdr))]
+    print(f"\nthrough the delay proxy ({link_mbit:g} Mbit/s each way; target: freeze - RTT <= 20 ms)")
+    for x in [rtt_hdr] + rtt_rows:
+        print("  ".join(str(c).rjust(rw[i]) for i, c in enumerate(x)))
 nt = [l.strip() for l in open(notes) if l.strip()]
 if nt:
     print("\nnotes:"); [print("  " + l) for l in nt]
@@ -412,9 +718,18 @@ if md_path:
         f.write(f"# flexnbd migration benchmark\n\nMedians of {n} round(s) of `bench/migration.sh`. {meta}\n\n")
         f.write("| metric | value | target | met? |\n|---|---:|---|---|\n")
         for x in rows: f.write("| " + " | ".join(map(str, x)) + " |\n")
+        if unt_rows:
+            f.write("\nUnthrottled writer, each round:\n\n")
+            f.write("| " + " | ".join(unt_hdr) + " |\n|" + "---:|" * len(unt_hdr) + "\n")
+            for x in unt_rows: f.write("| " + " | ".join(map(str, x)) + " |\n")
+        if rtt_rows:
+            f.write(f"\nThrough the delay proxy ({link_mbit:g} Mbit/s each way, {meta.split('LOAD_IOPS=')[1].split()[0]} "
+                    "random 4 KiB writes/s on the source; target: freeze - RTT <= 20 ms):\n\n")
+            f.write("| " + " | ".join(rtt_hdr) + " |\n|" + "---:|" * len(rtt_hdr) + "\n")
+            for x in rtt_rows: f.write("| " + " | ".join(map(str, x)) + " |\n")
         if nt:
             f.write("\nNotes:\n\n" + "".join(f"- {l}\n" for l in nt))
-bad = [x for x in rows if x[3] == "FAIL"] + ([x for x in rows if x[3] == "NO"] if strict == "1" else [])
+bad = [x for x in rows if x[3] == "FAIL"] + [x for x in rtt_rows if "FAIL" in x] + ([x for x in rows if x[3] == "NO"] if strict == "1" else [])
 sys.exit(1 if bad else 0)
 EOF
 prc=$?

@@ -182,6 +182,12 @@ fn explain_first_difference(a: &Path, b: &Path, logs: &[WriterLog]) {
 /// processes have exited 0, no writer got an error reply or hung, the files are identical, every
 /// acknowledged write is on the destination, and the destination is as sparse as the source.
 fn migrate_under_writers(tag: &str, spread: u64, mirror_extra: &[&str]) {
+    migrate_under_writers_with(tag, spread, mirror_extra, false)
+}
+
+/// The same; with `kill_dst`, the destination is killed (SIGKILL) once the migration has made
+/// progress, and a new listen takes its port a moment later.
+fn migrate_under_writers_with(tag: &str, spread: u64, mirror_extra: &[&str], kill_dst: bool) {
     const SIZE: u64 = SIZE_UNDER_WRITERS;
     const WRITERS: u64 = 4;
     let dir = TempDir::new(tag);
@@ -210,6 +216,25 @@ fn migrate_under_writers(tag: &str, spread: u64, mirror_extra: &[&str]) {
     assert!(acked_before >= 400, "writers made no progress before the migration ({acked_before} writes)");
     let began = Instant::now();
     start_mirror(&src_sock, dst.port(), mirror_extra);
+    if kill_dst {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = status(&src_sock);
+            assert_eq!(field(&st, "is_mirroring"), "true", "migration ended too early: {st:?}");
+            if int_field(&st, "migration_bytes_left") < SIZE / 2 {
+                break;
+            }
+            assert!(Instant::now() < until, "no progress within 20 s: {st:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let port = dst.port();
+        let st = dst.stop_with(libc::SIGKILL, IO_TIMEOUT);
+        assert!(!st.success(), "killed listen: {}", describe_status(st));
+        thread::sleep(Duration::from_millis(1200));
+        dst = listen_on_port(&dst_file, port, Some(&dst_sock));
+        let out = cli(&["mirror-speed", "-s", s(&src_sock), "--max-bps", "0"]);
+        out.assert_success("flexnbd mirror-speed --max-bps 0");
+    }
     assert_migration_completes(&mut src, &mut dst);
     let took = began.elapsed();
     let logs: Vec<WriterLog> = writers.into_iter().map(|h| h.join().expect("writer thread")).collect();
@@ -249,6 +274,19 @@ fn migrate_under_writers(tag: &str, spread: u64, mirror_extra: &[&str]) {
         }
     }
     assert!(acked_after > acked_before, "no write was acknowledged while the migration ran");
+    if mirror_extra.contains(&"active") {
+        let active = src
+            .stderr_lines()
+            .into_iter()
+            .find_map(|l| {
+                l.split("; ")
+                    .nth(2)
+                    .and_then(|t| t.strip_suffix(" client writes were mirrored actively"))
+                    .map(String::from)
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(active.is_some_and(|n| n > 0), "no write went to the destination actively: {active:?}");
+    }
 
     explain_first_difference(&src_file, &dst_file, &logs);
     assert_files_equal(&src_file, &dst_file);
@@ -279,6 +317,22 @@ fn migration_with_concurrent_writers_keeps_every_acknowledged_write() {
 #[test]
 fn throttled_migration_with_concurrent_writers_keeps_every_acknowledged_write() {
     migrate_under_writers("mirror-writers-slow", 4, &["--max-bps", &(64 * MIB).to_string()]);
+}
+
+/// Active mirroring from the start: each acknowledged write went to the destination before
+/// its acknowledgement, or was dirty and went with a pass.
+#[test]
+fn active_mirroring_keeps_every_acknowledged_write() {
+    migrate_under_writers("mirror-active", 16, &["--mode", "active", "--max-bps", &(64 * MIB).to_string()]);
+}
+
+/// A destination killed while client writes wait on it: the writers see no error and no
+/// hang (their writes are acknowledged from the source and copied again), and the migration
+/// completes to the restarted destination.
+#[test]
+fn a_destination_killed_while_mirroring_actively_costs_writers_nothing() {
+    let slow = ["--mode", "active", "--max-bps", &(32 * MIB).to_string()];
+    migrate_under_writers_with("mirror-active-kill", 16, &slow, true);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -387,6 +387,8 @@ struct History {
     refusal_streak: u32,
     dest_errors: u64,
     freezes_abandoned: u32,
+    /// Client writes sent to the destination as they completed (active mirroring).
+    active_writes: u64,
     /// Warned once that the destination is not a flexnbd `listen`.
     plain_target: bool,
 }
@@ -463,7 +465,12 @@ impl Source {
             Event::Broken(e) => self.lost(now, Failure::Io(e), out),
             Event::Drained => {
                 if let State::Closing { since } = self.state {
-                    info!("mirror {}: handed over; clients were held for {:?}", self.label, now - since);
+                    info!(
+                        "mirror {}: handed over; clients were held for {:?}; {} client writes were mirrored actively",
+                        self.label,
+                        now - since,
+                        self.history.active_writes
+                    );
                     self.state = State::Over;
                     self.dirty = None;
                     out.extend([Action::Disconnect, Action::HandedOver]);
@@ -589,12 +596,14 @@ impl Source {
         let (mode, pass) = self.mode_and_pass();
         let mut s = format!(
             " migration_mode={mode} migration_passes={pass} migration_retrying={} migration_failed_attempts={} \
-             migration_freezes_abandoned={} migration_destination_errors={} migration_freeze_limit_ms={}",
+             migration_freezes_abandoned={} migration_destination_errors={} migration_freeze_limit_ms={} \
+             migration_active_writes={}",
             self.retrying(),
             h.failed_attempts,
             h.freezes_abandoned,
             h.dest_errors,
-            self.spec.freeze_limit.as_millis()
+            self.spec.freeze_limit.as_millis(),
+            h.active_writes
         );
         if let Some(n) = self.spec.max_bps {
             s += &format!(" migration_speed_limit={n}");
@@ -1114,6 +1123,7 @@ impl Source {
             a.inflight.insert(cookie, Sent { cmd: kind, offset, len, ticket: Some(ticket) });
             a.flight.insert(offset, len);
             a.active_writes += 1;
+            self.history.active_writes += 1;
             out.push(Action::Delay(ticket));
             return;
         }

@@ -481,7 +481,7 @@ impl Server {
     }
 
     /// A client completion held back by the migration (see `delayed`) goes to its client.
-    fn deliver_late(&mut self, c: Completion) {
+    pub(super) fn deliver_late(&mut self, c: Completion) {
         let id = c.job.conn;
         match self.conns.get_mut(id.token.0) {
             Some(Conn::Client(conn)) if conn.id == id => {

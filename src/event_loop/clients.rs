@@ -122,6 +122,11 @@ impl Server {
     pub(super) fn begin_shutdown(&mut self) {
         self.notify.stopping("finishing in-flight requests before exiting");
         self.peer_grace_until = Some(Instant::now() + PEER_GRACE);
+        // Writes held for a destination are on our disk: their clients hear so before we go,
+        // rather than waiting on a migration that ends with this process.
+        for (_, c) in std::mem::take(&mut self.delayed) {
+            self.deliver_late(c);
+        }
         self.wind_down(DRAIN_TIMEOUT, ClientConn::shut_down);
     }
 

@@ -676,7 +676,7 @@ impl Source {
         }
         if let State::Attempt(a) = &self.state
             && a.waiting()
-            && now.saturating_duration_since(a.last_reply) > self.spec.request_limit
+            && now.saturating_duration_since(a.last_reply) >= self.spec.request_limit
         {
             return self.fail(now, Failure::RequestTimeout, out);
         }
@@ -1240,8 +1240,11 @@ impl Source {
                 h.refusal_streak = if same { h.refusal_streak + 1 } else { 1 };
                 h.refusal = Some(what.clone());
             }
-            // Something else happened in between (a listen that exited, a new one not up yet):
-            // the next refusal starts a new count (the last one stays in status).
+            // Attempts that reached no destination say nothing about its mind: a listen that
+            // exits after each refusal and is started again must not be retried for ever.
+            Failure::Connect(_) | Failure::NoHello => {}
+            // Anything else happened in between: the next refusal starts a new count (the
+            // last one stays in status).
             _ => h.refusal_streak = 0,
         }
         let permanent =
@@ -1649,5 +1652,30 @@ mod tests {
         assert!(
             matches!(&b.src.state, State::Attempt(a) if matches!(a.phase, Phase::Frozen { idle: true, .. }))
         );
+    }
+
+    #[test]
+    fn the_same_refusal_with_nothing_listening_in_between_still_counts_as_in_a_row() {
+        let mut b = Bench::new();
+        for round in 1..=REFUSAL_LIMIT {
+            b.start(FLAGS, 0);
+            b.complete_reads();
+            let reqs = requests_on_wire(&mut b);
+            b.take();
+            let refusal = tx::encode_simple_reply(NbdErr::NoSpc as u32, reqs[0].cookie);
+            b.ev(Event::Received(&refusal));
+            let acts = b.take();
+            if round == REFUSAL_LIMIT {
+                let gave_up = acts.iter().any(|a| matches!(a, Action::GaveUp(m) if m.contains("WRITE:ENOSPC")));
+                assert!(gave_up, "{:?}", b.src.history);
+                return;
+            }
+            // The listen exits after refusing; nothing answers the next connect.
+            b.now += RETRY_DELAY;
+            b.ev(Event::Tick);
+            b.ev(Event::ConnectFailed("refused".into()));
+            b.now += RETRY_DELAY;
+            b.take();
+        }
     }
 }

@@ -7,6 +7,7 @@
 //!   may write, when the migration is complete).
 //! - `sim`: a deterministic simulation of both, with clients, a network and disks that fail.
 
+pub mod sim;
 pub mod source;
 
 use crate::export::Extent;

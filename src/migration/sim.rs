@@ -455,6 +455,8 @@ struct Link {
     down: Pipe,
     /// The source's send queue: bytes that have not left it yet.
     out: Vec<u8>,
+    /// What of `out` has left already.
+    out_pos: usize,
     draining: bool,
     src_open: bool,
     /// Reset: the source's sends fail.
@@ -1125,16 +1127,23 @@ impl<'c> World<'c> {
         }
         if l.cut {
             l.out.clear();
+            l.out_pos = 0;
             return (self.cur == Some(link)).then(|| Event::Broken("send: connection reset by peer".into()));
         }
         let room = self.p.sndbuf.saturating_sub(l.up.in_flight);
-        let n = room.min(l.out.len());
+        let n = room.min(l.out.len() - l.out_pos);
         if n > 0 {
-            let bytes = if n == l.out.len() {
+            // Taken from a cursor: a small socket buffer takes megabytes a few KiB at a time.
+            let bytes = if l.out_pos == 0 && n == l.out.len() {
                 std::mem::take(&mut l.out)
             } else {
-                let rest = l.out.split_off(n);
-                std::mem::replace(&mut l.out, rest)
+                let b = l.out[l.out_pos..l.out_pos + n].to_vec();
+                l.out_pos += n;
+                if l.out_pos == l.out.len() {
+                    l.out.clear();
+                    l.out_pos = 0;
+                }
+                b
             };
             self.push(link, false, bytes);
         }
@@ -1279,6 +1288,7 @@ impl<'c> World<'c> {
         let l = &mut self.links[link];
         l.src_open = false;
         l.out.clear();
+        l.out_pos = 0;
         l.down.segs.clear();
         l.down.in_flight = 0;
         if reset {

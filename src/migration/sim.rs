@@ -284,8 +284,14 @@ impl Params {
         // time on the wire: below that no attempt can finish, and the source retries forever
         // (reported on issue 21; not what this simulation looks for).
         let rtt = p.latency * 2;
-        let wire = Duration::from_secs_f64(2.0 * (256 * 1024) as f64 / p.bandwidth as f64);
+        // A socket buffer sends at most itself per round trip.
+        let bps = (p.bandwidth as f64).min(p.sndbuf as f64 / rtt.as_secs_f64().max(1e-6));
+        let wire = Duration::from_secs_f64(2.0 * (256 * 1024) as f64 / bps);
         p.freeze_limit = p.freeze_limit.max(rtt * 4 + wire + Duration::from_millis(100));
+        // Likewise a request limit shorter than one chunk's time on the wire is never met (the
+        // source retries forever; reported on issue 21).
+        let chunk = Duration::from_secs_f64(4.0 * p.size.min(super::source::CHUNK) as f64 / bps);
+        p.request_limit = p.request_limit.max(chunk + rtt * 8 + Duration::from_millis(200));
         p
     }
 }
@@ -1761,14 +1767,23 @@ mod tests {
         };
         let t = Instant::now();
         let mut s = Stats::default();
+        let mut bad = Vec::new();
         for seed in first..first + n {
             match run(seed, &cfg) {
                 Ok(r) => s.add(&r),
-                Err(v) => panic!("{v}"),
+                Err(v) => {
+                    println!("VIOLATION seed {seed} step {} at {:?}: {}", v.step, v.at, v.message);
+                    bad.push(seed);
+                }
             }
         }
         let secs = t.elapsed().as_secs_f64();
-        println!("{n} seeds from {first} in {secs:.1}s ({:.0} seeds/s)\n{s}", n as f64 / secs);
+        println!(
+            "{n} seeds from {first} in {secs:.1}s ({:.0} seeds/s), {} violations\n{s}",
+            n as f64 / secs,
+            bad.len()
+        );
+        assert!(bad.is_empty(), "failing seeds: {bad:?}");
     }
 
     #[derive(Default)]

@@ -12,7 +12,7 @@ cd "$root"
 
 seconds=${FUZZ_SECONDS:-20}
 ALL_TARGETS=(client_session handshake_options greeting_client request_header structured_reply control_request acl_entry
-    write_segments)
+    write_segments migration_sim)
 read -r -a targets <<<"${FUZZ_TARGETS:-${ALL_TARGETS[*]}}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -8,6 +8,7 @@
 //! - `sim`: a deterministic simulation of both, with clients, a network and disks that fail.
 
 pub mod dest;
+pub mod sim;
 pub mod source;
 
 use crate::export::Extent;

@@ -1666,7 +1666,8 @@ mod tests {
             b.ev(Event::Received(&refusal));
             let acts = b.take();
             if round == REFUSAL_LIMIT {
-                let gave_up = acts.iter().any(|a| matches!(a, Action::GaveUp(m) if m.contains("WRITE:ENOSPC")));
+                let gave_up =
+                    acts.iter().any(|a| matches!(a, Action::GaveUp(m) if m.contains("WRITE:ENOSPC")));
                 assert!(gave_up, "{:?}", b.src.history);
                 return;
             }

@@ -6,17 +6,25 @@ use super::*;
 impl Server {
     /// After an ACL change, disconnects every client the new list no longer admits.
     pub(super) fn enforce_acl(&mut self) {
-        let refused: Vec<Token> = self
+        self.close_clients_where(
+            |core, c| c.peer.ip().is_some_and(|ip| !core.acl.admits(ip)),
+            "no longer admitted by the access control list",
+        );
+    }
+
+    /// Closes every client `pick` chooses, logging `why` for each.
+    fn close_clients_where(&mut self, pick: impl Fn(&Core, &ClientConn<Socket>) -> bool, why: &str) {
+        let chosen: Vec<Token> = self
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.peer.ip().is_some_and(|ip| !self.core.acl.admits(ip)) => Some(Token(k)),
+                Conn::Client(c) if pick(&self.core, c) => Some(Token(k)),
                 _ => None,
             })
             .collect();
-        for t in refused {
+        for t in chosen {
             if let Some(Conn::Client(c)) = self.conns.get(t.0) {
-                info!("{} {}: no longer admitted by the access control list", c.id, c.peer);
+                info!("{} {}: {why}", c.id, c.peer);
             }
             self.close(t);
         }
@@ -103,20 +111,8 @@ impl Server {
     /// waiting on their peer (the rest of a request, or room for its replies) and are closed.
     /// Disk work still running is waited for (up to DRAIN_TIMEOUT).
     pub(super) fn close_peer_waiters(&mut self) {
-        let waiting: Vec<Token> = self
-            .conns
-            .iter()
-            .filter_map(|(k, c)| match c {
-                Conn::Client(c) if !c.waits_on_disk() => Some(Token(k)),
-                _ => None,
-            })
-            .collect();
-        for t in waiting {
-            if let Some(Conn::Client(c)) = self.conns.get(t.0) {
-                info!("{} {}: peer still busy {PEER_GRACE:?} into shutdown; closing", c.id, c.peer);
-            }
-            self.close(t);
-        }
+        let why = format!("peer still busy {PEER_GRACE:?} into shutdown; closing");
+        self.close_clients_where(|_, c| !c.waits_on_disk(), &why);
     }
 
     pub(super) fn begin_shutdown(&mut self) {

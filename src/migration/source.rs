@@ -1399,14 +1399,7 @@ mod tests {
 
         /// Answers every whole request on the wire with success; returns them.
         fn answer_all(&mut self) -> Vec<tx::Request> {
-            let mut reqs = Vec::new();
-            let mut pos = 0;
-            while let Ok(Some((r, used))) = tx::parse_request(&self.wire[pos..]) {
-                let payload = if r.kind == Cmd::Write as u16 { r.len as usize } else { 0 };
-                pos += used + payload;
-                reqs.push(r);
-            }
-            self.wire.drain(..pos);
+            let reqs = requests_on_wire(self);
             let mut replies = Vec::new();
             for r in &reqs {
                 if r.kind != Cmd::Disc as u16 {

@@ -212,6 +212,9 @@ impl Server {
                 Action::Ack(t) => {
                     if let Some(c) = self.delayed.remove(&t) {
                         self.deliver_late(c);
+                    } else if t == self.ticket {
+                        // Answered in the same call that held it (the attempt failed at once).
+                        self.delay_asked = false;
                     }
                 }
                 // The connection's own actions never reach here.

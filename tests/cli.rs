@@ -375,6 +375,7 @@ fn bad_command_lines_fail_without_panicking() {
         vec!["acl"],
         vec!["break"],
         vec!["mirror", "--sock", "/nonexistent"],
+        vec!["mirror", "-l", "127.0.0.1", "-p", "1", "--sock", "/nonexistent", "--mode", "fast"],
         vec!["mirror-speed", "--sock", "/nonexistent"],
         vec!["mirror-speed", "--sock", "/nonexistent", "--max-bps", "-5"],
         vec!["read", "-l", "127.0.0.1", "-p", "1", "-F", "-5", "-S", "1"],

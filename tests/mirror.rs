@@ -1107,6 +1107,10 @@ fn status_shows_progress_and_speed_limit_while_mirroring() {
     assert!(speed <= 3 * LIMIT, "migration_speed={speed} with a limit of {LIMIT}: {st:?}");
     assert_eq!(field(&st, "migration_retrying"), "false", "a first attempt that is copying: {st:?}");
     assert_eq!(int_field(&st, "migration_failed_attempts"), 0, "{st:?}");
+    // Nobody writes: the first sweep, in the background.
+    assert_eq!(field(&st, "migration_mode"), "background", "{st:?}");
+    assert_eq!(int_field(&st, "migration_passes"), 0, "{st:?}");
+    assert_eq!(int_field(&st, "migration_active_writes"), 0, "{st:?}");
 
     let out = cli(&["mirror-speed", "-s", s(&src_sock), "--max-bps", "0"]);
     out.assert_success("flexnbd mirror-speed --max-bps 0");

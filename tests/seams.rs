@@ -189,6 +189,10 @@ fn the_cli_sends_only_the_mirror_slots_the_user_set() {
         ["mirror", "10.0.0.2", "4000", "exit", "0.0.0.0", "18446744073709551615", "freeze_limit_ms=500"]
     );
     assert_eq!(
+        with(&["--mode", "active", "-w"]),
+        ["mirror", "10.0.0.2", "4000", "exit", "0.0.0.0", "18446744073709551615", "wait", "mode=active"]
+    );
+    assert_eq!(
         record_request(&["mirror-speed", "--max-bps", "0"]),
         ["mirror_max_bps", "18446744073709551615"]
     );

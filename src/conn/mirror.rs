@@ -231,6 +231,15 @@ impl MirrorConn {
                 feedback = self.flush(io.registry);
             }
             let Some(f) = feedback else { return };
+            if let Feedback::Broken(_) = f {
+                // A send fails once the destination has gone; what it said before going (an
+                // error reply, say) is still to be read, and comes first.
+                let (data, _) = self.read_input();
+                if !data.is_empty() {
+                    // (If that ends the attempt, the source ignores the send error after it.)
+                    self.source.handle(Instant::now(), Event::Received(&data), &mut acts);
+                }
+            }
             let ev = match &f {
                 Feedback::ConnectFailed(e) => Event::ConnectFailed(e.clone()),
                 Feedback::Broken(e) => Event::Broken(e.clone()),

@@ -25,7 +25,6 @@ use crate::listener::{Endpoint, Listener, Peer, Socket};
 use crate::migration::dest::Lineage;
 use crate::migration::source::{self, Source};
 use crate::migration::{Action, Event, Written};
-use crate::net::Target;
 use crate::systemd::Notifier;
 use crate::token::{self, ConnId};
 use crate::{fatal, signals};

@@ -12,10 +12,12 @@
 use super::Next;
 use crate::error::Error;
 use crate::migration::Mode;
+use crate::net::Target;
 use log::{debug, info};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,10 +34,10 @@ pub enum Command {
     Acl(Vec<String>),
     Break,
     Mirror {
-        addr: String,
-        port: u16,
+        target: Target,
         action: MirrorAction,
-        bind: Option<String>,
+        /// Local address to connect from (TCP only; the unspecified address means none).
+        bind: Option<SocketAddr>,
         max_bps: Option<u64>,
         /// Ours: after "Migration started", keep the session and send a second line when the
         /// migration ends (`mirror --wait`).
@@ -139,26 +141,32 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                     "mirror takes addr, port, [action], [bind], [max_bps], then [wait], [freeze_limit_ms=N] and [mode=M]",
                 ));
             }
-            let addr = args[0].clone();
+            let addr = &args[0];
             // Ours: `unix:PATH` (port ignored) for a destination on a Unix socket.
             let unix = addr.strip_prefix(crate::net::UNIX_PREFIX).is_some_and(|p| !p.is_empty());
-            if !unix && crate::net::parse_ip(&addr).is_none() {
+            if !unix && crate::net::parse_ip(addr).is_none() {
                 return Err(bad("bad IP address"));
             }
             let port = match args[1].parse::<u16>() {
                 Ok(p) if p > 0 || unix => p,
                 _ => return Err(bad("bad IP port number")),
             };
+            let target = Target::parse(addr, port).ok_or_else(|| bad("bad IP address"))?;
             let action = match args.get(2).map(String::as_str) {
                 None | Some("exit") => MirrorAction::Exit,
                 Some("unlink") => MirrorAction::Unlink,
                 Some("nothing") => MirrorAction::Nothing,
                 Some(_) => return Err(bad("unknown action")),
             };
-            let bind = match args.get(3).map(String::as_str) {
-                None | Some("") => None,
-                Some(b) if b.parse::<std::net::IpAddr>().is_ok() => Some(b.to_string()),
-                Some(_) => return Err(bad("bad bind address")),
+            let bind = match args.get(3).map(|b| (b.is_empty(), crate::net::parse_ip(b))) {
+                None | Some((true, _)) => None,
+                Some((false, None)) => return Err(bad("bad bind address")),
+                // The unspecified address fills the slot when nothing is bound.
+                Some((false, Some(b))) if b.is_unspecified() => None,
+                Some((false, Some(_))) if unix => {
+                    return Err(bad("a bind address does not apply to a Unix socket"));
+                }
+                Some((false, Some(b))) => Some(SocketAddr::new(b, 0)),
             };
             // 0 or u64::MAX (or nothing) means no limit: our CLI fills the slot positionally with
             // u64::MAX, which the original also reads as no limit.
@@ -181,7 +189,7 @@ pub fn parse_command(lines: &[String]) -> Result<Command, RequestError> {
                     _ => return Err(bad("unknown mirror option")),
                 }
             }
-            Ok(Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit, mode })
+            Ok(Command::Mirror { target, action, bind, max_bps, wait, freeze_limit, mode })
         }
         other => Err(RequestError::Unknown(other.chars().take(64).collect())),
     }
@@ -505,10 +513,9 @@ mod tests {
         assert_eq!(
             parse_command(&lines(&["mirror", "127.0.0.1", "4000", "unlink", "127.0.0.2", "5"])),
             Ok(Command::Mirror {
-                addr: "127.0.0.1".into(),
-                port: 4000,
+                target: Target::Tcp("127.0.0.1:4000".parse().expect("addr")),
                 action: MirrorAction::Unlink,
-                bind: Some("127.0.0.2".into()),
+                bind: Some("127.0.0.2:0".parse().expect("addr")),
                 max_bps: Some(5),
                 wait: false,
                 freeze_limit: None,
@@ -529,10 +536,10 @@ mod tests {
         assert_eq!(
             parse_command(&lines(&full)),
             Ok(Command::Mirror {
-                addr: "::1".into(),
-                port: 4000,
+                target: Target::Tcp("[::1]:4000".parse().expect("addr")),
                 action: MirrorAction::Exit,
-                bind: Some("::".into()),
+                // The unspecified address is what "not bound" looks like in the slot.
+                bind: None,
                 max_bps: None,
                 wait: true,
                 freeze_limit: Some(Duration::from_millis(500)),
@@ -585,9 +592,16 @@ mod tests {
     fn mirror_to_a_unix_socket_takes_a_path_and_port_0() {
         let m = parse_command(&lines(&["mirror", "unix:/run/d.sock", "0"]));
         assert!(
-            matches!(m, Ok(Command::Mirror { ref addr, port: 0, .. }) if addr == "unix:/run/d.sock"),
+            matches!(m, Ok(Command::Mirror { target: Target::Unix(ref p), bind: None, .. }) if p.to_str() == Some("/run/d.sock")),
             "{m:?}"
         );
+        let bound = parse_command(&lines(&["mirror", "unix:/run/d.sock", "0", "exit", "10.0.0.1"]));
+        assert_eq!(
+            bound,
+            Err(RequestError::BadArgs("a bind address does not apply to a Unix socket".into()))
+        );
+        let unbound = parse_command(&lines(&["mirror", "unix:/run/d.sock", "0", "exit", "0.0.0.0", "5"]));
+        assert!(matches!(unbound, Ok(Command::Mirror { bind: None, .. })), "{unbound:?}");
         assert_eq!(
             parse_command(&lines(&["mirror", "unix:", "0"])),
             Err(RequestError::BadArgs("bad IP address".into()))

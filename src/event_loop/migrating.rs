@@ -7,23 +7,8 @@ use super::*;
 impl Server {
     /// `mirror`: starts a migration to the requested destination; its answer comes later.
     pub(super) fn start_mirror(&mut self, from: Token, cmd: Command) -> Option<(u32, String)> {
-        let Command::Mirror { addr, port, action, bind, max_bps, wait, freeze_limit, mode } = cmd else {
+        let Command::Mirror { target, action, bind, max_bps, wait, freeze_limit, mode } = cmd else {
             return Some((1, "not a mirror request".into()));
-        };
-        let Some(target) = Target::parse(&addr, port) else {
-            return Some((1, "bad IP address".into()));
-        };
-        let bind = match bind.as_deref().map(crate::net::parse_ip) {
-            None => None,
-            Some(None) => return Some((1, "bad bind address".into())),
-            // The unspecified address fills the slot when nothing is bound.
-            Some(Some(b)) if matches!(target, Target::Unix(_)) => {
-                if !b.is_unspecified() {
-                    return Some((1, "a bind address does not apply to a Unix socket".into()));
-                }
-                None
-            }
-            Some(Some(b)) => Some(SocketAddr::new(b, 0)),
         };
         let request_limit = std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
             .ok()

@@ -80,7 +80,10 @@ impl Default for SimConfig {
             stale_deliveries: false,
             fence_old_senders: false,
             lasting_fault_exits: false,
-            max_steps: 2_000_000,
+            // A slow link with a tiny socket buffer moves an export a few KiB per event, over
+            // and over when the destination keeps dying: many steps, all in virtual time. A
+            // livelock shows as events at one instant (below) long before this.
+            max_steps: 20_000_000,
             trace: false,
         }
     }
@@ -311,6 +314,10 @@ impl Params {
 
 // ---------------------------------------------------------------------------------------------
 // Event queue: ordered by (time, sequence), so equal times keep their scheduling order.
+
+/// Events at one virtual instant beyond which the run is stuck (nothing a source or network
+/// does needs that many without time passing).
+const SAME_INSTANT_LIMIT: u64 = 100_000;
 
 #[derive(Debug)]
 enum Ev {
@@ -652,6 +659,8 @@ struct World<'c> {
     tickets: u64,
     /// Failed attempts when the time to converge ran out (see `Outcome::Retrying`).
     failed_at_limit: Option<u32>,
+    /// Events in a row at the same virtual instant.
+    same_instant: u64,
     active_writes: u64,
     next_tick: Option<Duration>,
     outcome: Option<Outcome>,
@@ -733,6 +742,7 @@ impl<'c> World<'c> {
             delay_asked: None,
             tickets: 0,
             failed_at_limit: None,
+            same_instant: 0,
             active_writes: 0,
             next_tick: None,
             outcome: None,
@@ -799,6 +809,12 @@ impl<'c> World<'c> {
                     self.violation("(7) nothing left to happen, yet the migration is not over".into())
                 );
             };
+            self.same_instant = if s.at == self.now { self.same_instant + 1 } else { 0 };
+            if self.same_instant > SAME_INSTANT_LIMIT {
+                return Err(
+                    self.violation(format!("(4) {SAME_INSTANT_LIMIT} events at one instant: a livelock"))
+                );
+            }
             self.now = s.at;
             self.step += 1;
             if self.step > self.cfg.max_steps {
@@ -893,6 +909,11 @@ impl<'c> World<'c> {
     fn handle(&mut self, ev: Ev) -> R {
         if self.outcome.is_some() && !matches!(ev, Ev::Arrive { .. } | Ev::DestDone { .. }) {
             return Ok(());
+        }
+        // FLEXNBD_SIM_EVENTS=1: every event goes into a replay's trace too.
+        static EVENTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *EVENTS.get_or_init(|| std::env::var_os("FLEXNBD_SIM_EVENTS").is_some()) {
+            self.log(|| format!("event {}", format!("{ev:?}").split([' ', '{', '(']).next().unwrap_or("")));
         }
         match ev {
             Ev::Tick => {

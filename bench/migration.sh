@@ -635,10 +635,11 @@ OPT=""
 [[ $BASIC == 1 ]] || OPT+=" BASIC=0"
 (( ${#RTTS[@]} > 0 )) && OPT+=" RTT_MS=\"${RTTS[*]}\" LINK_MBIT=$LINK_MBIT"
 [[ $UNTHROTTLED == 1 ]] && OPT+=" UNTHROTTLED=1"
-(( ${#UNT_RTTS[@]} > 0 )) && OPT+=" UNTHROTTLED_RTT_MS=\"${UNT_RTTS[*]}\" LINK_MBIT=$LINK_MBIT"
+(( ${#UNT_RTTS[@]} > 0 )) && OPT+=" UNTHROTTLED_RTT_MS=\"${UNT_RTTS[*]}\""
+(( ${#UNT_RTTS[@]} > 0 && ${#RTTS[@]} == 0 )) && OPT+=" LINK_MBIT=$LINK_MBIT"
 [[ $UNTHROTTLED == 1 ]] || (( ${#UNT_RTTS[@]} > 0 )) && OPT+=" UNT_IODEPTH=$UNT_IODEPTH UNT_DELAY=${UNT_DELAY}s UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME}s"
 [[ -n $MIRROR_MODE ]] && OPT+=" MIRROR_MODE=$MIRROR_MODE"
-META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED$OPT CMD_TIMEOUT=${CMD_TIMEOUT}s; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
+META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED$OPT CMD_TIMEOUT=${CMD_TIMEOUT}s; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown) (binary $FLEXNBD_ORIG); scratch on $(stat -f -c %T "$BENCH_DIR")"
 python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" "$BASIC" "${RTTS[*]}" "$LINK_MBIT" "$UNTHROTTLED" "$SIZE_BYTES" "${UNT_RTTS[*]}" <<'EOF'
 import math, statistics, sys
 raw, notes, md_path, meta, strict, basic, rtts, link_mbit, unthrottled, size, unt_rtts = sys.argv[1:12]

@@ -45,6 +45,15 @@
 #                      freeze, and fio IOPS and clat p99/max during the migration against the
 #                      same load for UNT_BASE_RUNTIME s without one; checks the data
 #   UNT_IODEPTH=16  UNT_DELAY=2  UNT_BASE_RUNTIME=5
+#   UNTHROTTLED_RTT_MS="10"  round trip times (ms): the unthrottled round again, each with the
+#                      destination behind the delay proxy (LINK_MBIT, WANEM as above); same
+#                      report plus freeze - RTT (target <= 20 ms) ("" = off; independent of
+#                      UNTHROTTLED, which runs it on loopback)
+#   MIRROR_MODE=       passed as `mirror --mode MIRROR_MODE` (auto, background, active); empty:
+#                      no --mode (the binary's default; binaries before --mode need this)
+# Each unthrottled round also reports the mode the migration ended in: "background", "active
+# from pass N" (auto switched: the source logged "mirroring client writes actively"), or
+# "active" (asked for), and how many client writes were mirrored actively (the handover line).
 # Exit status: 0 if every measurement and check succeeded (targets missed do not fail the
 # run unless STRICT=1), 1 if any failed, 2 on a setup error.
 {
@@ -78,6 +87,8 @@ UNTHROTTLED=${UNTHROTTLED:-0}
 UNT_IODEPTH=${UNT_IODEPTH:-16}
 UNT_DELAY=${UNT_DELAY:-2}
 UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME:-5}
+UNTHROTTLED_RTT_MS=${UNTHROTTLED_RTT_MS:-}
+MIRROR_MODE=${MIRROR_MODE:-}
 
 LOG_TAG=migbench
 # shellcheck source=bench/lib.sh
@@ -90,8 +101,15 @@ done
 for v in BASIC UNTHROTTLED; do [[ ${!v} == [01] ]] || die "bad $v=${!v} (0 or 1)"; done
 read -ra RTTS <<<"$RTT_MS"
 for v in "${RTTS[@]}"; do [[ $v =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "bad RTT_MS entry $v (milliseconds)"; done
-if (( ${#RTTS[@]} > 0 )); then
-    [[ -n $WANEM && -r $WANEM ]] || die "RTT_MS needs WANEM=/path/to/the delay proxy (got '${WANEM}')"
+read -ra UNT_RTTS <<<"$UNTHROTTLED_RTT_MS"
+for v in "${UNT_RTTS[@]}"; do [[ $v =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "bad UNTHROTTLED_RTT_MS entry $v (milliseconds)"; done
+if (( ${#RTTS[@]} + ${#UNT_RTTS[@]} > 0 )); then
+    [[ -n $WANEM && -r $WANEM ]] || die "RTT_MS and UNTHROTTLED_RTT_MS need WANEM=/path/to/the delay proxy (got '${WANEM}')"
+fi
+MODE_ARGS=()
+if [[ -n $MIRROR_MODE ]]; then
+    [[ $MIRROR_MODE =~ ^(auto|background|active)$ ]] || die "bad MIRROR_MODE=$MIRROR_MODE (auto, background or active)"
+    MODE_ARGS=(--mode "$MIRROR_MODE")
 fi
 LAT_MAX_BPS=${LAT_MAX_BPS:-$(( SIZE_BYTES / (LAT_RUNTIME + 3) ))}
 for t in nbdinfo nbdcopy fio python3 numfmt timeout cmp; do
@@ -228,7 +246,7 @@ test_migration_speed() {  # r
         && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/t1-dst-r$r.log" \
         || { fail "$r" mig_mbps "servers did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; return; }
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
         >"$L/t1-mirror-r$r.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     if (( rc == 0 )); then
@@ -279,7 +297,7 @@ test_converge() {  # r
         stop_srv "$S_PID"; stop_srv "$D_PID"; return
     fi
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
         >"$L/t2-mirror-r$r.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     kill -0 "$fio_pid" 2>/dev/null || note "r$r converge: fio was no longer running at the handover (load stopped early?)"
@@ -336,7 +354,7 @@ test_latency_mig() {  # r
     start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/t4m-src-r$r.log" \
         && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/t4m-dst-r$r.log" \
         || { fail "$r" lat_mig_p99 "servers did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; return; }
-    "$FLEXNBD" mirror -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --max-bps "$LAT_MAX_BPS" --wait \
+    "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --max-bps "$LAT_MAX_BPS" --wait \
         >"$L/t4m-mirror-r$r.out" 2>&1 9>&- &
     mpid=$!; STARTED_PIDS+=("$mpid")
     for ((i = 0; i < 100; i++)); do
@@ -432,7 +450,7 @@ test_rtt() {  # r rtt: test 2 with the destination behind the delay proxy
         stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
     fi
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$W_PORT" -s "$BENCH_DIR/s.sock" --wait \
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$W_PORT" -s "$BENCH_DIR/s.sock" --wait \
         >"$L/$tag-mirror.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     kill -0 "$fio_pid" 2>/dev/null || note "r$r rtt $rtt ms: fio was no longer running at the handover (load stopped early?)"
@@ -447,6 +465,7 @@ test_rtt() {  # r rtt: test 2 with the destination behind the delay proxy
             fail "$r" "${k}_freeze_ms" "no 'clients were held for' line in the source log"
         fi
         v=$(freeze_facts "$L/$tag-src.log") && record "$r" "${k}_passes" "$(( ${v%% *} + 1 ))"
+        v=$(mode_facts "$L/$tag-src.log") && record "$r" "${k}_mode" "${v%% *}"
         check_exits "$r" "migration at rtt $rtt ms" "$S_PID" "$D_PID" "$L/$tag-src.log" "$L/$tag-dst.log"
         cmp -s "$SRCF" "$DSTF" || fail "$r" "${k}_data" "destination differs from the source after the migration at rtt $rtt ms"
     else
@@ -499,70 +518,95 @@ test_unthrottled_base() {  # r
     stop_srv "$S_PID"
 }
 
-test_unthrottled() {  # r
-    local r=$1 L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v a b c n0 i
-    fresh_files || { fail "$r" unt_mig_s "file setup failed"; return; }
-    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/unt-src-r$r.log" \
-        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/unt-dst-r$r.log" \
-        || { fail "$r" unt_mig_s "servers did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; return; }
-    n0=$(grep -c ': connected$' "$L/unt-src-r$r.log")
+# mode_facts LOG -> "MODE SWITCH_PASS ACTIVE_WRITES": MODE 0 background, 1 auto switched to
+# active after pass SWITCH_PASS, 2 active as asked; ACTIVE_WRITES from the handover line (-1 if
+# the binary does not log it)
+mode_facts() {
+    python3 - "$1" "$MIRROR_MODE" <<'PY'
+import re, sys
+mode, sw, n = (2 if sys.argv[2] == "active" else 0), -1, -1
+for line in open(sys.argv[1], errors="replace"):
+    x = re.search(r"pass (\d+) done, \d+ bytes dirty and not shrinking: mirroring client writes actively", line)
+    if x and mode == 0: mode, sw = 1, int(x.group(1))
+    x = re.search(r"(\d+) client writes were mirrored actively", line)
+    if x: n = int(x.group(1))
+print(mode, sw, n)
+PY
+}
+
+test_unthrottled() {  # r [rtt]: the destination behind the delay proxy at rtt ms if given
+    local r=$1 rtt=${2:-} L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v a b c n0 i k tag port
+    if [[ -n $rtt ]]; then k="untrtt$rtt"; tag="untrtt$rtt-r$r"; else k=unt; tag="unt-r$r"; fi
+    fresh_files || { fail "$r" "${k}_mig_s" "file setup failed"; return; }
+    W_PID=""
+    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/$tag-src.log" \
+        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/$tag-dst.log" \
+        && { [[ -z $rtt ]] || start_proxy W "$D_PORT" "$rtt" "$L/$tag-proxy.log"; } \
+        || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; stop_srv "${W_PID:-}"; return; }
+    if [[ -n $rtt ]]; then port=$W_PORT; else port=$D_PORT; fi
+    n0=$(grep -c ': connected$' "$L/$tag-src.log")
     fio --name=unt "${UNT_FIO[@]}" --uri="nbd://127.0.0.1:$S_PORT" --runtime=$((CMD_TIMEOUT + 60)) \
-        --output-format=json --output="$L/unt-fio-r$r.json" >"$L/unt-fio-r$r.stdout" 2>&1 9>&- &
+        --output-format=json --output="$L/$tag-fio.json" >"$L/$tag-fio.stdout" 2>&1 9>&- &
     fio_pid=$!; STARTED_PIDS+=("$fio_pid")
     # fio's ramp starts once it has connected; the mirror starts just after the ramp ends
     for ((i = 0; i < 100; i++)); do
-        (( $(grep -c ': connected$' "$L/unt-src-r$r.log") > n0 )) && break
+        (( $(grep -c ': connected$' "$L/$tag-src.log") > n0 )) && break
         kill -0 "$fio_pid" 2>/dev/null || break
         sleep 0.1
     done
     sleep "$UNT_DELAY.1"
     if ! kill -0 "$fio_pid" 2>/dev/null; then
-        fail "$r" unt_mig_s "fio died before the mirror started: $(tail -5 "$L/unt-fio-r$r.stdout" | tr '\n' '|')"
-        stop_srv "$S_PID"; stop_srv "$D_PID"; return
+        fail "$r" "${k}_mig_s" "fio died before the mirror started: $(tail -5 "$L/$tag-fio.stdout" | tr '\n' '|')"
+        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
     fi
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror -l 127.0.0.1 -p "$D_PORT" -s "$BENCH_DIR/s.sock" --wait \
-        >"$L/unt-mirror-r$r.out" 2>&1 9>&-
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$port" -s "$BENCH_DIR/s.sock" --wait \
+        >"$L/$tag-mirror.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     if (( rc == 124 )); then
         # not a harness failure: the target is that it converges, and this says it did not
-        record "$r" unt_converged 0
-        v=$(freeze_facts "$L/unt-src-r$r.log") || v="- - 0"
-        note "r$r unthrottled: the migration did not converge within CMD_TIMEOUT=${CMD_TIMEOUT}s (${v##* } freezes begun)"
+        record "$r" "${k}_converged" 0
+        v=$(freeze_facts "$L/$tag-src.log") || v="- - 0"
+        note "r$r unthrottled${rtt:+ at rtt $rtt ms}: the migration did not converge within CMD_TIMEOUT=${CMD_TIMEOUT}s (${v##* } freezes begun)"
         kill_pid "$fio_pid"; forget_pid "$fio_pid"
-        stop_srv "$S_PID"; stop_srv "$D_PID"; return
+        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
     fi
     # fio stops by itself once the source closes its connection at the handover
     wait_exit "$fio_pid" 30
-    [[ $WAIT_RC == timeout ]] && { note "r$r unthrottled: fio still ran 30 s after the migration ended"; kill_pid "$fio_pid"; }
+    [[ $WAIT_RC == timeout ]] && { note "r$r unthrottled${rtt:+ at rtt $rtt ms}: fio still ran 30 s after the migration ended"; kill_pid "$fio_pid"; }
     forget_pid "$fio_pid"
+    stop_srv "$W_PID"
     if (( rc != 0 )); then
-        fail "$r" unt_mig_s "mirror --wait exited $rc: $(tr '\n' '|' <"$L/unt-mirror-r$r.out")"
-        note "r$r unthrottled migration failed; source log tail: $(tail -5 "$L/unt-src-r$r.log" | tr '\n' '|')"
+        fail "$r" "${k}_mig_s" "mirror --wait exited $rc: $(tr '\n' '|' <"$L/$tag-mirror.out")"
+        note "r$r unthrottled migration${rtt:+ at rtt $rtt ms} failed; source log tail: $(tail -5 "$L/$tag-src.log" | tr '\n' '|')"
         stop_srv "$S_PID"; stop_srv "$D_PID"; return
     fi
     secs=$(elapsed "$t0" "$t1")
-    record "$r" unt_converged 1
-    record "$r" unt_mig_s "$secs"
-    if v=$(freeze_facts "$L/unt-src-r$r.log"); then
+    record "$r" "${k}_converged" 1
+    record "$r" "${k}_mig_s" "$secs"
+    if v=$(freeze_facts "$L/$tag-src.log"); then
         read -r a b c <<<"$v"
-        record "$r" unt_passes "$((a + 1))"; record "$r" unt_remainder "$b"; record "$r" unt_freezes "$c"
+        record "$r" "${k}_passes" "$((a + 1))"; record "$r" "${k}_remainder" "$b"; record "$r" "${k}_freezes" "$c"
     else
-        fail "$r" unt_remainder "no 'freezing clients' line in the source log"
+        fail "$r" "${k}_remainder" "no 'freezing clients' line in the source log"
     fi
-    if v=$(freeze_ms "$L/unt-src-r$r.log"); then
-        record "$r" unt_freeze_ms "$v"
+    if v=$(freeze_ms "$L/$tag-src.log"); then
+        record "$r" "${k}_freeze_ms" "$v"
     else
-        fail "$r" unt_freeze_ms "no 'clients were held for' line in the source log"
+        fail "$r" "${k}_freeze_ms" "no 'clients were held for' line in the source log"
     fi
-    if v=$(fio_unt_stats "$L/unt-fio-r$r.json" 2>/dev/null); then
+    if v=$(mode_facts "$L/$tag-src.log"); then
+        read -r a b c <<<"$v"
+        record "$r" "${k}_mode" "$a"; record "$r" "${k}_switch_pass" "$b"; record "$r" "${k}_active_writes" "$c"
+    fi
+    if v=$(fio_unt_stats "$L/$tag-fio.json" 2>/dev/null); then
         read -r a b c _ <<<"$v"
-        record "$r" unt_mig_iops "$a"; record "$r" unt_mig_p99 "$b"; record "$r" unt_mig_max "$c"
+        record "$r" "${k}_mig_iops" "$a"; record "$r" "${k}_mig_p99" "$b"; record "$r" "${k}_mig_max" "$c"
     else
-        fail "$r" unt_mig_iops "no fio stats for the migration: $(tail -5 "$L/unt-fio-r$r.stdout" | tr '\n' '|')"
+        fail "$r" "${k}_mig_iops" "no fio stats for the migration: $(tail -5 "$L/$tag-fio.stdout" | tr '\n' '|')"
     fi
-    check_exits "$r" "migration under an unthrottled writer" "$S_PID" "$D_PID" "$L/unt-src-r$r.log" "$L/unt-dst-r$r.log"
-    cmp -s "$SRCF" "$DSTF" || fail "$r" unt_data "destination differs from the source after the migration under an unthrottled writer"
+    check_exits "$r" "migration under an unthrottled writer${rtt:+ at rtt $rtt ms}" "$S_PID" "$D_PID" "$L/$tag-src.log" "$L/$tag-dst.log"
+    cmp -s "$SRCF" "$DSTF" || fail "$r" "${k}_data" "destination differs from the source after the migration under an unthrottled writer${rtt:+ at rtt $rtt ms}"
 }
 
 # ---------------------------------------------------------------- main
@@ -578,9 +622,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for ((i = 0; i < ${#RTTS[@]}; i++)); do   # the order reverses every other round
         if (( r % 2 == 1 )); then test_rtt "$r" "${RTTS[i]}"; else test_rtt "$r" "${RTTS[-1 - i]}"; fi
     done
-    if [[ $UNTHROTTLED == 1 ]]; then
-        if (( r % 2 == 1 )); then test_unthrottled_base "$r"; test_unthrottled "$r"
-        else test_unthrottled "$r"; test_unthrottled_base "$r"; fi
+    if [[ $UNTHROTTLED == 1 ]] || (( ${#UNT_RTTS[@]} > 0 )); then
+        (( r % 2 == 1 )) && test_unthrottled_base "$r"
+        [[ $UNTHROTTLED == 1 ]] && test_unthrottled "$r"
+        for v in "${UNT_RTTS[@]}"; do test_unthrottled "$r" "$v"; done
+        (( r % 2 == 0 )) && test_unthrottled_base "$r"
     fi
 done
 
@@ -588,12 +634,16 @@ done
 OPT=""
 [[ $BASIC == 1 ]] || OPT+=" BASIC=0"
 (( ${#RTTS[@]} > 0 )) && OPT+=" RTT_MS=\"${RTTS[*]}\" LINK_MBIT=$LINK_MBIT"
-[[ $UNTHROTTLED == 1 ]] && OPT+=" UNTHROTTLED=1 UNT_IODEPTH=$UNT_IODEPTH UNT_DELAY=${UNT_DELAY}s UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME}s"
-META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED$OPT CMD_TIMEOUT=${CMD_TIMEOUT}s; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown); scratch on $(stat -f -c %T "$BENCH_DIR")"
-python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" "$BASIC" "${RTTS[*]}" "$LINK_MBIT" "$UNTHROTTLED" "$SIZE_BYTES" <<'EOF'
+[[ $UNTHROTTLED == 1 ]] && OPT+=" UNTHROTTLED=1"
+(( ${#UNT_RTTS[@]} > 0 )) && OPT+=" UNTHROTTLED_RTT_MS=\"${UNT_RTTS[*]}\""
+(( ${#UNT_RTTS[@]} > 0 && ${#RTTS[@]} == 0 )) && OPT+=" LINK_MBIT=$LINK_MBIT"
+[[ $UNTHROTTLED == 1 ]] || (( ${#UNT_RTTS[@]} > 0 )) && OPT+=" UNT_IODEPTH=$UNT_IODEPTH UNT_DELAY=${UNT_DELAY}s UNT_BASE_RUNTIME=${UNT_BASE_RUNTIME}s"
+[[ -n $MIRROR_MODE ]] && OPT+=" MIRROR_MODE=$MIRROR_MODE"
+META="SIZE=$SIZE ROUNDS=$ROUNDS LOAD_IOPS=$LOAD_IOPS LOAD_DELAY=${LOAD_DELAY}s BASE_RUNTIME=${BASE_RUNTIME}s LAT_RUNTIME=${LAT_RUNTIME}s LAT_MAX_BPS=$LAT_MAX_BPS DEST_FILLED=$DEST_FILLED$OPT CMD_TIMEOUT=${CMD_TIMEOUT}s; $(nproc) cores, $(uname -sr); $(fio --version), $(nbdcopy --version 2>&1 | tail -1); flexnbd git $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown) (binary $FLEXNBD_ORIG); scratch on $(stat -f -c %T "$BENCH_DIR")"
+python3 - "$RAW" "$NOTES" "$RESULTS_MD" "$META" "$STRICT" "$BASIC" "${RTTS[*]}" "$LINK_MBIT" "$UNTHROTTLED" "$SIZE_BYTES" "${UNT_RTTS[*]}" <<'EOF'
 import math, statistics, sys
-raw, notes, md_path, meta, strict, basic, rtts, link_mbit, unthrottled, size = sys.argv[1:11]
-rtts, link_mbit, size = rtts.split(), float(link_mbit), int(size)
+raw, notes, md_path, meta, strict, basic, rtts, link_mbit, unthrottled, size, unt_rtts = sys.argv[1:12]
+rtts, link_mbit, size, unt_rtts = rtts.split(), float(link_mbit), int(size), unt_rtts.split()
 vals, by_round = {}, {}
 for line in open(raw):
     r, m, v = line.rstrip("\n").split("\t")
@@ -643,50 +693,75 @@ def basic_rows():
 if basic == "1":
     basic_rows()
 
-def unthrottled_rows():
-    conv = vals.get("unt_converged", [])
+# the unthrottled round on loopback (prefix "unt") and behind the proxy ("untrttR")
+unt_runs = ([("unt", "loopback", None)] if unthrottled == "1" else []) + \
+    [(f"untrtt{t}", f"{t} ms RTT", float(t)) for t in unt_rtts]
+def unthrottled_rows(p, where, rtt):
+    pre = f"unthrottled, {where}: "
+    conv = vals.get(p + "_converged", [])
     k = sum(1 for x in conv if x == 1)
-    rows.append(("unthrottled: rounds that converged within CMD_TIMEOUT", f"{k}/{len(conv)}",
+    rows.append((pre + "rounds that converged within CMD_TIMEOUT", f"{k}/{len(conv)}",
                  "every round", "yes" if conv and k == len(conv) else "NO"))
     if k == 0:
         return
-    row("unthrottled: migration, s (mirror start -> handover)", med("unt_mig_s"))
-    row("unthrottled: passes before the freeze (the first sweep is one)", med("unt_passes"))
-    row("unthrottled: freezes begun (abandoned ones too)", med("unt_freezes"))
-    rem = med("unt_remainder")
-    row("unthrottled: dirty at the freeze, MB", None if rem is None else rem / 1e6)
-    row("unthrottled: dirty at the freeze, % of the export", None if rem is None else 100 * rem / size, suffix="%")
-    fz, fzx = med("unt_freeze_ms"), mx("unt_freeze_ms")
-    row("unthrottled: freeze, ms (median)", fz, "<= 50 ms", None if fz is None else fz <= 50)
-    row("unthrottled: freeze, ms (worst round)", fzx, "<= 50 ms", None if fzx is None else fzx <= 50)
-    bi, mi = med("unt_base_iops"), med("unt_mig_iops")
-    row("unthrottled: fio IOPS without migration", bi)
-    row("unthrottled: fio IOPS during migration", mi)
-    row("unthrottled: IOPS during / without", ratio(mi, bi), suffix="x")
-    row("unthrottled: clat p99 without migration, us", med("unt_base_p99"))
-    row("unthrottled: clat p99 during migration, us", med("unt_mig_p99"))
-    row("unthrottled: clat max without migration, us", med("unt_base_max"))
-    row("unthrottled: clat max during migration, us", med("unt_mig_max"))
-if unthrottled == "1":
-    unthrottled_rows()
+    modes = vals.get(p + "_mode", [])
+    rows.append((pre + "rounds that ended mirroring actively", f"{sum(1 for x in modes if x > 0)}/{len(modes)}", "-", "-"))
+    row(pre + "migration, s (mirror start -> handover)", med(p + "_mig_s"))
+    row(pre + "passes before the freeze (the first sweep is one)", med(p + "_passes"))
+    row(pre + "freezes begun (abandoned ones too)", med(p + "_freezes"))
+    rem = med(p + "_remainder")
+    row(pre + "dirty at the freeze, MB", None if rem is None else rem / 1e6)
+    row(pre + "dirty at the freeze, % of the export", None if rem is None else 100 * rem / size, suffix="%")
+    fz, fzx = med(p + "_freeze_ms"), mx(p + "_freeze_ms")
+    if rtt is None:
+        row(pre + "freeze, ms (median)", fz, "<= 50 ms", None if fz is None else fz <= 50)
+        row(pre + "freeze, ms (worst round)", fzx, "<= 50 ms", None if fzx is None else fzx <= 50)
+    else:
+        row(pre + "freeze, ms (median)", fz)
+        row(pre + "freeze - RTT, ms (median)", None if fz is None else fz - rtt, "<= 20 ms",
+            None if fz is None else fz - rtt <= 20)
+        row(pre + "freeze - RTT, ms (worst round)", None if fzx is None else fzx - rtt, "<= 20 ms",
+            None if fzx is None else fzx - rtt <= 20)
+    bi, mi = med("unt_base_iops"), med(p + "_mig_iops")
+    if rtt is None or unthrottled != "1":
+        row("unthrottled: fio IOPS without migration", bi)
+    row(pre + "fio IOPS during migration", mi)
+    row(pre + "IOPS during / without", ratio(mi, bi), suffix="x")
+    if rtt is None or unthrottled != "1":
+        row("unthrottled: clat p99 without migration, us", med("unt_base_p99"))
+    row(pre + "clat p99 during migration, us", med(p + "_mig_p99"))
+    if rtt is None or unthrottled != "1":
+        row("unthrottled: clat max without migration, us", med("unt_base_max"))
+    row(pre + "clat max during migration, us", med(p + "_mig_max"))
+for p, where, rtt in unt_runs:
+    unthrottled_rows(p, where, rtt)
 
 # the unthrottled round has been bimodal (the writer or the migration wins the CPUs), so each
 # round is shown too
-unt_hdr = ("round", "migration s", "passes", "dirty at freeze MB", "freeze ms", "IOPS during",
-           "IOPS without", "p99 during us", "max during us")
+unt_hdr = ("round", "link", "migration s", "passes", "mode", "active writes", "dirty at freeze MB",
+           "freeze ms", "freeze - RTT ms", "IOPS during", "IOPS without", "p99 during us", "max during us")
 unt_rows = []
-if unthrottled == "1":
-    for r in sorted({r for r, m in by_round if m == "unt_converged"}):
-        g = lambda m, scale=1: None if math.isnan(by_round.get((r, m), math.nan)) else by_round[(r, m)] * scale
-        conv = by_round[(r, "unt_converged")] == 1
-        unt_rows.append((r, fmt(g("unt_mig_s")) if conv else "no convergence", fmt(g("unt_passes")),
-                         fmt(g("unt_remainder", 1e-6)), fmt(g("unt_freeze_ms")), fmt(g("unt_mig_iops")),
-                         fmt(g("unt_base_iops")), fmt(g("unt_mig_p99")), fmt(g("unt_mig_max"))))
+def mode_name(m, sw):
+    if m is None: return "?"
+    return {0: "background", 1: f"active from pass {sw:g}" if sw is not None else "active (switched)",
+            2: "active"}.get(int(m), "?")
+for p, where, rtt in unt_runs:
+    for r in sorted({r for r, m in by_round if m == p + "_converged"}):
+        g = lambda m, scale=1: None if math.isnan(by_round.get((r, p + m), math.nan)) else by_round[(r, p + m)] * scale
+        gb = lambda m: None if math.isnan(by_round.get((r, m), math.nan)) else by_round[(r, m)]
+        conv = by_round[(r, p + "_converged")] == 1
+        fz, aw = g("_freeze_ms"), g("_active_writes")
+        unt_rows.append((r, where, fmt(g("_mig_s")) if conv else "no convergence", fmt(g("_passes")),
+                         mode_name(g("_mode"), g("_switch_pass")) if conv else "-",
+                         "-" if aw is None or aw < 0 else f"{aw:,.0f}",
+                         fmt(g("_remainder", 1e-6)), fmt(fz),
+                         "-" if rtt is None else fmt(None if fz is None else fz - rtt),
+                         fmt(g("_mig_iops")), fmt(gb("unt_base_iops")), fmt(g("_mig_p99")), fmt(g("_mig_max"))))
 
 # RTT round: one line per round trip time
 link_MBps = link_mbit / 8
 rtt_hdr = ("RTT ms", "migration s", "migration MB/s", "link MB/s", "link % of " + f"{link_mbit:g} Mbit",
-           "freeze ms", "freeze - RTT ms", "worst freeze - RTT", "passes")
+           "freeze ms", "freeze - RTT ms", "worst freeze - RTT", "passes", "rounds active")
 rtt_rows = []
 for t in rtts:
     k, rt = f"rtt{t}", float(t)
@@ -694,7 +769,8 @@ for t in rtts:
     rtt_rows.append((t, fmt(med(k + "_mig_s")), fmt(med(k + "_mig_mbps")), fmt(lk),
                      fmt(None if lk is None else 100 * lk / link_MBps, 3) + ("%" if lk else ""),
                      fmt(fz), fmt(None if fz is None else fz - rt), fmt(None if fzx is None else fzx - rt),
-                     fmt(med(k + "_passes"))))
+                     fmt(med(k + "_passes")),
+                     f"{sum(1 for x in vals.get(k + '_mode', []) if x > 0)}/{len(vals.get(k + '_mode', []))}"))
 hdr = ("metric", "value", "target", "met?")
 w = [max(len(str(x[i])) for x in rows + [hdr]) for i in range(4)]
 print(f"flexnbd migration benchmark: medians of {n} round(s)")

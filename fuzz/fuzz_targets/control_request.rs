@@ -5,6 +5,7 @@
 use flexnbd::conn::control::{
     Command, MAX_LINE, MAX_LINES, encode_reply, encode_request, parse_command, parse_lines, parse_reply,
 };
+use flexnbd::net::Target;
 use libfuzzer_sys::fuzz_target;
 
 /// What encode_request can carry: each line non-empty, no LF, within the line limit, and not
@@ -42,10 +43,11 @@ fn check_lines(buf: &[u8], eof: bool) {
     if let Ok(cmd) = parse_command(&lines) {
         match cmd {
             Command::Acl(args) => assert_eq!(args, lines[1..]),
-            // Port 0 only with a Unix socket destination (`unix:PATH`), which needs a path.
-            Command::Mirror { port, addr, .. } => {
-                assert!(port > 0 || addr.strip_prefix("unix:").is_some_and(|p| !p.is_empty()))
-            }
+            // A TCP destination has a port; a Unix socket one a path and no bind address.
+            Command::Mirror { target, bind, .. } => match target {
+                Target::Tcp(a) => assert!(a.port() > 0),
+                Target::Unix(p) => assert!(!p.as_os_str().is_empty() && bind.is_none()),
+            },
             _ => {}
         }
     }

@@ -472,26 +472,6 @@ impl Server {
         }
     }
 
-    fn drop_completion(&mut self, c: Completion) {
-        debug!("{}: dropping completion for a closed connection", c.job.conn);
-        if let Op::Write { .. } = c.job.op {
-            self.core.budget.release(c.job.buf.len());
-        }
-    }
-
-    /// A client completion held back by the migration (see `delayed`) goes to its client.
-    pub(super) fn deliver_late(&mut self, c: Completion) {
-        let id = c.job.conn;
-        match self.conns.get_mut(id.token.0) {
-            Some(Conn::Client(conn)) if conn.id == id => {
-                let mut ctx = self.core.ctx();
-                conn.complete(&mut ctx, c);
-                self.step(id.token);
-            }
-            _ => self.drop_completion(c),
-        }
-    }
-
     fn run_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         for t in pending {

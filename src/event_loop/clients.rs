@@ -1,5 +1,6 @@
 //! Ending client connections: closing one, the deadlines and the payload budget's waiters,
-//! the ACL after a change, and the way out at shutdown or handover.
+//! the ACL after a change, the way out at shutdown or handover; and completions that reach a
+//! client late (held for the migration's destination) or not at all (the client has gone).
 
 use super::*;
 
@@ -155,5 +156,25 @@ impl Server {
         info!("signal {sig}: no new clients, finishing in-flight requests");
         self.begin_shutdown();
         None
+    }
+
+    pub(super) fn drop_completion(&mut self, c: Completion) {
+        debug!("{}: dropping completion for a closed connection", c.job.conn);
+        if let Op::Write { .. } = c.job.op {
+            self.core.budget.release(c.job.buf.len());
+        }
+    }
+
+    /// A client completion held back by the migration (see `delayed`) goes to its client.
+    pub(super) fn deliver_late(&mut self, c: Completion) {
+        let id = c.job.conn;
+        match self.conns.get_mut(id.token.0) {
+            Some(Conn::Client(conn)) if conn.id == id => {
+                let mut ctx = self.core.ctx();
+                conn.complete(&mut ctx, c);
+                self.step(id.token);
+            }
+            _ => self.drop_completion(c),
+        }
     }
 }

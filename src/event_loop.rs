@@ -161,8 +161,6 @@ pub struct Server {
     /// too (active mirroring), by ticket; `ticket` numbers them.
     delayed: HashMap<u64, Completion>,
     ticket: u64,
-    /// The migration asked to hold back the completion just reported.
-    delay_asked: bool,
 }
 
 impl Server {
@@ -430,18 +428,26 @@ impl Server {
                 self.write_failure = Some(e.to_string());
             }
             // Counted and mirrored whoever asked, even a client that has gone since.
-            if let Some((offset, len)) = c.modified_range() {
-                self.core.writes_in_flight -= 1;
-                let delayed = self.mirror.is_some() && self.client_wrote(offset, len, &c);
-                if self.core.frozen && self.core.writes_in_flight == 0 {
-                    self.mirror_feed(Event::ClientWritesIdle);
+            let c = match c.modified_range() {
+                Some((offset, len)) => {
+                    self.core.writes_in_flight -= 1;
+                    let held = self.mirror.is_some() && self.client_wrote(offset, len, &c);
+                    // Answered once the destination has it too (active mirroring); stored
+                    // before anything else the migration does can let it go.
+                    let c = if held {
+                        self.delayed.insert(self.ticket, c);
+                        None
+                    } else {
+                        Some(c)
+                    };
+                    if self.core.frozen && self.core.writes_in_flight == 0 {
+                        self.mirror_feed(Event::ClientWritesIdle);
+                    }
+                    c
                 }
-                if delayed {
-                    // Answered once the destination has it too (active mirroring).
-                    self.delayed.insert(self.ticket, c);
-                    continue;
-                }
-            }
+                None => Some(c),
+            };
+            let Some(c) = c else { continue };
             match self.conns.get_mut(id.token.0) {
                 Some(Conn::Mirror(m)) if m.id == id => {
                     let io = Io {

@@ -142,9 +142,12 @@ impl Server {
             // Trim is advisory (the data may stay); a failed write may have changed any part.
             _ => Written::Unknown,
         };
-        self.delay_asked = false;
-        self.mirror_feed(Event::ClientWrote { offset, len, what, ticket: self.ticket });
-        std::mem::take(&mut self.delay_asked)
+        let ticket = self.ticket;
+        let acts = self.mirror_ask(Event::ClientWrote { offset, len, what, ticket });
+        // Held, unless the same call already let it go (the attempt failed at once).
+        let held = acts.contains(&Action::Delay(ticket)) && !acts.contains(&Action::Ack(ticket));
+        self.mirror_actions(acts);
+        held
     }
 
     pub(super) fn mirror_tick(&mut self) {
@@ -153,11 +156,16 @@ impl Server {
 
     /// Gives the running migration an event and carries out what it asks of the server.
     pub(super) fn mirror_feed(&mut self, ev: Event<'_>) {
-        let Some(t) = self.mirror else { return };
-        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return };
-        let io = Io { registry: &self.core.registry, pool: &self.core.pool, requests: self.core.requests };
-        let acts = m.feed(&io, ev);
+        let acts = self.mirror_ask(ev);
         self.mirror_actions(acts);
+    }
+
+    /// Gives the running migration an event; returns what it asks of the server.
+    fn mirror_ask(&mut self, ev: Event<'_>) -> Vec<Action> {
+        let Some(t) = self.mirror else { return Vec::new() };
+        let Some(Conn::Mirror(m)) = self.conns.get_mut(t.0) else { return Vec::new() };
+        let io = Io { registry: &self.core.registry, pool: &self.core.pool, requests: self.core.requests };
+        m.feed(&io, ev)
     }
 
     /// Carries out what the migration asked of the server, in order.
@@ -193,13 +201,11 @@ impl Server {
                         self.hand_over_clients();
                     }
                 }
-                Action::Delay(t) => self.delay_asked = t == self.ticket,
+                // Held by `client_wrote`, which reads it from the actions it asked for.
+                Action::Delay(_) => {}
                 Action::Ack(t) => {
                     if let Some(c) = self.delayed.remove(&t) {
                         self.deliver_late(c);
-                    } else if t == self.ticket {
-                        // Answered in the same call that held it (the attempt failed at once).
-                        self.delay_asked = false;
                     }
                 }
                 // The connection's own actions never reach here.

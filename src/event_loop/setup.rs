@@ -119,7 +119,6 @@ impl Server {
             peer_grace_until: None,
             delayed: HashMap::new(),
             ticket: 0,
-            delay_asked: false,
         })
     }
 

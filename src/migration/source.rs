@@ -654,13 +654,8 @@ impl Source {
     }
 
     fn throttle_until(&self) -> Option<Instant> {
-        let bps = self.spec.max_bps?;
         let State::Attempt(a) = &self.state else { return None };
-        if a.phase != Phase::Copying {
-            return None;
-        }
-        let sent = self.attempt_bytes + a.inflight_bytes + a.read_bytes;
-        Some(self.attempt_started + Duration::from_secs_f64(sent as f64 / bps as f64))
+        throttle_due(self.spec.max_bps, self.attempt_started, self.attempt_bytes, a)
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1005,14 +1000,7 @@ impl Source {
         loop {
             let (bps, started, acked) = (self.spec.max_bps, self.attempt_started, self.attempt_bytes);
             let State::Attempt(a) = &mut self.state else { return };
-            // The limit holds for background copying only, never for the freeze.
-            let throttled = |a: &Attempt| {
-                bps.is_some_and(|bps| {
-                    let sent = acked + a.inflight_bytes + a.read_bytes;
-                    a.phase == Phase::Copying
-                        && started + Duration::from_secs_f64(sent as f64 / bps as f64) > now
-                })
-            };
+            let throttled = |a: &Attempt| throttle_due(bps, started, acked, a).is_some_and(|due| due > now);
             let since = match a.phase {
                 Phase::Copying => None,
                 Phase::Final { since } => Some(since),
@@ -1287,6 +1275,15 @@ impl Source {
         }
         self.state = State::Backoff { until: now + RETRY_DELAY };
     }
+}
+
+/// When what an attempt has read and sent is due under a speed limit of `bps`, counting from
+/// `started` with `acked` bytes answered. The limit holds for background copying only, never
+/// for the freeze.
+fn throttle_due(bps: Option<u64>, started: Instant, acked: u64, a: &Attempt) -> Option<Instant> {
+    let bps = bps?;
+    let sent = acked + a.inflight_bytes + a.read_bytes;
+    (a.phase == Phase::Copying).then(|| started + Duration::from_secs_f64(sent as f64 / bps as f64))
 }
 
 fn flush_request(cookie: u64) -> Vec<u8> {

@@ -419,6 +419,23 @@ start_proxy() {
     done
     log "delay proxy not ready on port $port after 10 s"; return 1
 }
+# start_trio TAG RTT: serve, listen and, with an RTT, the delay proxy in front of listen (logs
+# $BENCH_DIR/logs/TAG-{src,dst,proxy}.log); MIRROR_PORT is where the mirror goes. If one fails
+# to start, stops the others and returns 1.
+start_trio() {
+    local tag=$1 rtt=$2 L=$BENCH_DIR/logs
+    S_PID=""; D_PID=""; W_PID=""
+    if start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/$tag-src.log" \
+        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/$tag-dst.log" \
+        && { [[ -z $rtt ]] || start_proxy W "$D_PORT" "$rtt" "$L/$tag-proxy.log"; }; then
+        if [[ -n $rtt ]]; then MIRROR_PORT=$W_PORT; else MIRROR_PORT=$D_PORT; fi
+        return 0
+    fi
+    stop_trio
+    return 1
+}
+stop_trio() { stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; }
+
 # "link c->s: N B in T s = R MB/s" (printed on SIGTERM) -> "N T"
 proxy_link() {
     python3 - "$1" <<'PY'
@@ -436,10 +453,7 @@ test_rtt() {  # r rtt: test 2 with the destination behind the delay proxy
     local r=$1 rtt=$2 L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v tag k
     tag="rtt$rtt-r$r"; k="rtt$rtt"
     fresh_files || { fail "$r" "${k}_mig_s" "file setup failed"; return; }
-    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/$tag-src.log" \
-        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/$tag-dst.log" \
-        && start_proxy W "$D_PORT" "$rtt" "$L/$tag-proxy.log" \
-        || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; stop_srv "${W_PID:-}"; return; }
+    start_trio "$tag" "$rtt" || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; return; }
     fio --name=load "${FIO_COMMON[@]}" --uri="nbd://127.0.0.1:$S_PORT" --runtime=$((CMD_TIMEOUT + 60)) \
         --continue_on_error=all --output-format=json --output="$L/$tag-fio.json" \
         >"$L/$tag-fio.stdout" 2>&1 9>&- &
@@ -447,10 +461,10 @@ test_rtt() {  # r rtt: test 2 with the destination behind the delay proxy
     sleep "$LOAD_DELAY"
     if ! kill -0 "$fio_pid" 2>/dev/null; then
         fail "$r" "${k}_mig_s" "fio load died before the mirror started: $(tail -5 "$L/$tag-fio.stdout" | tr '\n' '|')"
-        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
+        stop_trio; return
     fi
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$W_PORT" -s "$BENCH_DIR/s.sock" --wait \
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$MIRROR_PORT" -s "$BENCH_DIR/s.sock" --wait \
         >"$L/$tag-mirror.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     kill -0 "$fio_pid" 2>/dev/null || note "r$r rtt $rtt ms: fio was no longer running at the handover (load stopped early?)"
@@ -535,15 +549,10 @@ PY
 }
 
 test_unthrottled() {  # r [rtt]: the destination behind the delay proxy at rtt ms if given
-    local r=$1 rtt=${2:-} L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v a b c n0 i k tag port
+    local r=$1 rtt=${2:-} L=$BENCH_DIR/logs t0 t1 rc fio_pid secs v a b c n0 i k tag
     if [[ -n $rtt ]]; then k="untrtt$rtt"; tag="untrtt$rtt-r$r"; else k=unt; tag="unt-r$r"; fi
     fresh_files || { fail "$r" "${k}_mig_s" "file setup failed"; return; }
-    W_PID=""
-    start_srv S serve "$SRCF" "$BENCH_DIR/s.sock" "$L/$tag-src.log" \
-        && start_srv D listen "$DSTF" "$BENCH_DIR/d.sock" "$L/$tag-dst.log" \
-        && { [[ -z $rtt ]] || start_proxy W "$D_PORT" "$rtt" "$L/$tag-proxy.log"; } \
-        || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; stop_srv "${S_PID:-}"; stop_srv "${D_PID:-}"; stop_srv "${W_PID:-}"; return; }
-    if [[ -n $rtt ]]; then port=$W_PORT; else port=$D_PORT; fi
+    start_trio "$tag" "$rtt" || { fail "$r" "${k}_mig_s" "servers or proxy did not start"; return; }
     n0=$(grep -c ': connected$' "$L/$tag-src.log")
     fio --name=unt "${UNT_FIO[@]}" --uri="nbd://127.0.0.1:$S_PORT" --runtime=$((CMD_TIMEOUT + 60)) \
         --output-format=json --output="$L/$tag-fio.json" >"$L/$tag-fio.stdout" 2>&1 9>&- &
@@ -557,10 +566,10 @@ test_unthrottled() {  # r [rtt]: the destination behind the delay proxy at rtt m
     sleep "$UNT_DELAY.1"
     if ! kill -0 "$fio_pid" 2>/dev/null; then
         fail "$r" "${k}_mig_s" "fio died before the mirror started: $(tail -5 "$L/$tag-fio.stdout" | tr '\n' '|')"
-        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
+        stop_trio; return
     fi
     t0=$(now)
-    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$port" -s "$BENCH_DIR/s.sock" --wait \
+    timeout "$CMD_TIMEOUT" "$FLEXNBD" mirror "${MODE_ARGS[@]}" -l 127.0.0.1 -p "$MIRROR_PORT" -s "$BENCH_DIR/s.sock" --wait \
         >"$L/$tag-mirror.out" 2>&1 9>&-
     rc=$?; t1=$(now)
     if (( rc == 124 )); then
@@ -569,7 +578,7 @@ test_unthrottled() {  # r [rtt]: the destination behind the delay proxy at rtt m
         v=$(freeze_facts "$L/$tag-src.log") || v="- - 0"
         note "r$r unthrottled${rtt:+ at rtt $rtt ms}: the migration did not converge within CMD_TIMEOUT=${CMD_TIMEOUT}s (${v##* } freezes begun)"
         kill_pid "$fio_pid"; forget_pid "$fio_pid"
-        stop_srv "$S_PID"; stop_srv "$D_PID"; stop_srv "$W_PID"; return
+        stop_trio; return
     fi
     # fio stops by itself once the source closes its connection at the handover
     wait_exit "$fio_pid" 30

@@ -217,16 +217,7 @@ fn migrate_under_writers_with(tag: &str, spread: u64, mirror_extra: &[&str], kil
     let began = Instant::now();
     start_mirror(&src_sock, dst.port(), mirror_extra);
     if kill_dst {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            let st = status(&src_sock);
-            assert_eq!(field(&st, "is_mirroring"), "true", "migration ended too early: {st:?}");
-            if int_field(&st, "migration_bytes_left") < SIZE / 2 {
-                break;
-            }
-            assert!(Instant::now() < until, "no progress within 20 s: {st:?}");
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_bytes_left_below(&src_sock, SIZE / 2, Duration::from_secs(20));
         let port = dst.port();
         let st = dst.stop_with(libc::SIGKILL, IO_TIMEOUT);
         assert!(!st.success(), "killed listen: {}", describe_status(st));
@@ -691,6 +682,21 @@ fn a_retry_copies_everything_again_when_another_sender_wrote_to_the_destination(
 // 3. Destination killed mid-way and restarted on the same port
 // ---------------------------------------------------------------------------------------------
 
+/// Polls status until the running migration has less than `below` bytes left; it must still be
+/// running at every poll, and get there within `within`.
+fn wait_for_bytes_left_below(src_sock: &Path, below: u64, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let st = status(src_sock);
+        assert_eq!(field(&st, "is_mirroring"), "true", "migration ended too early: {st:?}");
+        if int_field(&st, "migration_bytes_left") < below {
+            return;
+        }
+        assert!(Instant::now() < until, "no progress within {within:?}: {st:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn destination_killed_mid_way_and_restarted_still_completes() {
     const SIZE: u64 = 64 * MIB;
@@ -701,16 +707,7 @@ fn destination_killed_mid_way_and_restarted_still_completes() {
     start_mirror(&src_sock, port, &["--max-bps", &(16 * MIB).to_string()]);
 
     // Wait until some data has been acknowledged, then kill the destination outright.
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = status(&src_sock);
-        assert_eq!(field(&st, "is_mirroring"), "true", "migration ended too early: {st:?}");
-        if int_field(&st, "migration_bytes_left") < SIZE {
-            break;
-        }
-        assert!(Instant::now() < until, "no progress within 10 s: {st:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_bytes_left_below(&src_sock, SIZE, Duration::from_secs(10));
     let st = dst.stop_with(libc::SIGKILL, IO_TIMEOUT);
     assert!(!st.success(), "killed listen: {}", describe_status(st));
 

@@ -26,19 +26,6 @@ pub struct Io<'a> {
     pub requests: u64,
 }
 
-/// How the destination's side of the connection ended.
-enum End {
-    Closed,
-    Broken(String),
-}
-
-/// Something carrying out an action produced, for the source to hear next.
-enum Feedback {
-    ConnectFailed(String),
-    Broken(String),
-    Drained,
-}
-
 pub struct MirrorConn {
     pub id: ConnId,
     source: Source,
@@ -171,8 +158,7 @@ impl MirrorConn {
         // The peer's last bytes come before its end (which is moot if they ended the attempt).
         match end {
             Some(_) if self.stream.is_none() => {}
-            Some(End::Closed) => theirs.extend(self.feed(io, Event::Closed)),
-            Some(End::Broken(e)) => theirs.extend(self.feed(io, Event::Broken(e))),
+            Some(end) => theirs.extend(self.feed(io, end)),
             None => self.carry_out(io, Vec::new(), &mut theirs),
         }
         theirs
@@ -186,7 +172,8 @@ impl MirrorConn {
         self.feed(io, Event::ReadDone { attempt, offset, len, result, buf: job.buf })
     }
 
-    fn read_input(&mut self) -> (Vec<u8>, Option<End>) {
+    /// What the destination sent, and how its side ended if it did (`Closed` or `Broken`).
+    fn read_input(&mut self) -> (Vec<u8>, Option<Event<'static>>) {
         let mut data = Vec::new();
         if self.connecting {
             return (data, None);
@@ -195,11 +182,11 @@ impl MirrorConn {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match s.read(&mut chunk) {
-                Ok(0) => return (data, Some(End::Closed)),
+                Ok(0) => return (data, Some(Event::Closed)),
                 Ok(n) => data.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (data, None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return (data, Some(End::Broken(e.to_string()))),
+                Err(e) => return (data, Some(Event::Broken(e.to_string()))),
             }
         }
     }
@@ -213,7 +200,7 @@ impl MirrorConn {
                 match a {
                     Action::Connect => {
                         if let Err(e) = self.connect(io.registry) {
-                            feedback = Some(Feedback::ConnectFailed(e.to_string()));
+                            feedback = Some(Event::ConnectFailed(e.to_string()));
                         }
                     }
                     Action::Send(b) => self.out.push(b),
@@ -231,7 +218,7 @@ impl MirrorConn {
                 feedback = self.flush(io.registry);
             }
             let Some(f) = feedback else { return };
-            if let Feedback::Broken(_) = f {
+            if let Event::Broken(_) = f {
                 // A send fails once the destination has gone; what it said before going (an
                 // error reply, say) is still to be read, and comes first.
                 let (data, _) = self.read_input();
@@ -240,18 +227,13 @@ impl MirrorConn {
                     self.source.handle(Instant::now(), Event::Received(&data), &mut acts);
                 }
             }
-            let ev = match &f {
-                Feedback::ConnectFailed(e) => Event::ConnectFailed(e.clone()),
-                Feedback::Broken(e) => Event::Broken(e.clone()),
-                Feedback::Drained => Event::Drained,
-            };
-            self.source.handle(Instant::now(), ev, &mut acts);
+            self.source.handle(Instant::now(), f, &mut acts);
         }
     }
 
     /// Writes what is queued and keeps the socket's interest right; reports a send error, or
     /// that everything queued is now on the wire.
-    fn flush(&mut self, registry: &Registry) -> Option<Feedback> {
+    fn flush(&mut self, registry: &Registry) -> Option<Event<'static>> {
         let s = self.stream.as_mut()?;
         if self.connecting {
             return None;
@@ -260,18 +242,18 @@ impl MirrorConn {
         if had && !self.write_blocked {
             match self.out.write_to(s, Some(&mut self.bufs), None) {
                 Ok(blocked) => self.write_blocked = blocked,
-                Err(e) => return Some(Feedback::Broken(format!("send: {e}"))),
+                Err(e) => return Some(Event::Broken(format!("send: {e}"))),
             }
         }
         let want =
             if self.write_blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
         if self.registered != Some(want) {
             if let Err(e) = registry.reregister(s, self.id.token, want) {
-                return Some(Feedback::Broken(e.to_string()));
+                return Some(Event::Broken(e.to_string()));
             }
             self.registered = Some(want);
         }
-        (had && self.out.is_empty()).then_some(Feedback::Drained)
+        (had && self.out.is_empty()).then_some(Event::Drained)
     }
 
     fn connect(&mut self, registry: &Registry) -> io::Result<()> {
